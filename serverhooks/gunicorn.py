@@ -1,0 +1,180 @@
+"""Gunicorn adapter. In gunicorn.conf.py, first line:
+
+    from serverhooks.gunicorn import *
+
+That installs the hooks below for every worker class. To keep a hook of your
+own, decorate it with `chain`, which runs serverhooks' hook of the same name too:
+
+    from serverhooks.gunicorn import chain
+
+    @chain
+    def post_fork(server, worker):
+        ...
+
+Importing this module is free: no `django.db`, no settings, no database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from serverhooks import _django, forkguard, lifecycle
+from serverhooks._log import describe_error, logger, say_once
+from serverhooks.stats import counters
+
+__all__ = ["on_exit", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit"]
+
+Hook = Callable[..., None]
+
+
+@contextlib.contextmanager
+def _never_raise(hook: str) -> Iterator[None]:
+    """An exception in a hook halts Gunicorn (post_fork) or kills a worker: log it instead."""
+    try:
+        yield
+    except Exception as exc:
+        counters().errors += 1
+        logger.warning("serverhooks: the %s hook failed: %s; Gunicorn carries on.", hook, describe_error(exc))
+        logger.debug("serverhooks: %s traceback", hook, exc_info=True)
+
+
+def _route_logs_to_gunicorn(glog: Any) -> None:
+    """Without logging config of its own, `serverhooks` logs into Gunicorn's error log."""
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    error_log = getattr(glog, "error_log", None)
+    if not isinstance(error_log, logging.Logger) or not error_log.handlers:
+        return
+    for handler in error_log.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(error_log.level)
+    logger.propagate = False
+
+
+def _warn_about_replaced_hooks(cfg: Any) -> None:
+    """A hook defined after the star import silently replaces ours: say how to keep both."""
+    for name in __all__:
+        try:
+            current = cfg.settings[name].get()
+        except Exception:
+            continue
+        if not getattr(current, "__serverhooks__", False):
+            say_once(
+                f"gunicorn-replaced-{name}",
+                logging.WARNING,
+                "serverhooks: gunicorn.conf.py defines its own %s, which replaces serverhooks' one. "
+                "Decorate it with @serverhooks.gunicorn.chain to run both.",
+                name,
+            )
+
+
+def _say_if_django_unusable() -> None:
+    status = _django.status_without_importing()
+    if status is not _django.DjangoStatus.READY:
+        say_once(f"django-{status.name}", logging.INFO, "serverhooks: %s; the hooks do nothing.", status.value)
+
+
+def _ours(function: Hook) -> Hook:
+    function.__serverhooks__ = True  # type: ignore[attr-defined]
+    return function
+
+
+@_ours
+def pre_fork(server: Any, worker: Any) -> None:
+    """Master, before each fork: close connections, pools and caches; arm the fork guard."""
+    with _never_raise("pre_fork"):
+        _route_logs_to_gunicorn(server.log)
+        _warn_about_replaced_hooks(server.cfg)
+        _say_if_django_unusable()
+        lifecycle.close_before_fork()
+        if _django.loaded_db() is not None:
+            from serverhooks import conf
+
+            if conf.get("FORK_GUARD"):
+                forkguard.install_fork_guard()
+
+
+@_ours
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker, right after the fork: abandon every inherited connection."""
+    with _never_raise("post_fork"):
+        lifecycle.abandon_inherited()
+
+
+@_ours
+def post_worker_init(worker: Any) -> None:
+    """Worker, app loaded (and gevent patched): track connections, guard forks, probe once."""
+    with _never_raise("post_worker_init"):
+        _route_logs_to_gunicorn(worker.log)
+        _warn_about_replaced_hooks(worker.cfg)
+        # The first worker a master spawns checks the databases; respawns do not.
+        lifecycle.prepare_worker(probe_databases=getattr(worker, "age", 0) == 1)
+
+
+@_ours
+def worker_exit(server: Any, worker: Any) -> None:
+    """Worker exiting: close cleanly. Also runs in the master for a worker that is gone."""
+    with _never_raise("worker_exit"):
+        if getattr(worker, "pid", None) != os.getpid():
+            # Gunicorn calls this in the master when kill() found the worker gone
+            # (ESRCH). Its connections died with it; the master's are not its own.
+            logger.debug("serverhooks: worker %s is already gone; nothing to close here", worker.pid)
+            return
+        lifecycle.close_at_exit()
+
+
+@_ours
+def pre_exec(server: Any) -> None:
+    """Re-exec child (USR2), before exec: nothing inherited may survive into the new master."""
+    with _never_raise("pre_exec"):
+        lifecycle.abandon_inherited()
+
+
+@_ours
+def on_exit(server: Any) -> None:
+    """Master exiting: close whatever it opened since the last fork."""
+    with _never_raise("on_exit"):
+        lifecycle.close_at_exit()
+
+
+_HOOKS: dict[str, Hook] = {name: globals()[name] for name in __all__}
+# Ours run first where the user's code should see a clean process, last where it
+# may still want the database.
+_OURS_LAST = {"worker_exit", "on_exit"}
+
+
+def chain(user_hook: Hook) -> Hook:
+    """Decorator: keep your own Gunicorn hook and serverhooks' one of the same name.
+
+    It raises TypeError at config load for an unknown name or a wrong number of
+    arguments, with the signature Gunicorn expects.
+    """
+    import inspect
+
+    name = getattr(user_hook, "__name__", "")
+    ours = _HOOKS.get(name)
+    if ours is None:
+        raise TypeError(
+            f"@chain: serverhooks has no Gunicorn hook named {name!r}; it chains: {', '.join(sorted(_HOOKS))}."
+        )
+    params = list(inspect.signature(ours).parameters)
+    try:
+        inspect.signature(user_hook).bind(*params)
+    except TypeError:
+        raise TypeError(f"@chain: {name} must accept ({', '.join(params)}), as Gunicorn calls it.") from None
+    first, second = (user_hook, ours) if name in _OURS_LAST else (ours, user_hook)
+
+    def run_both(*args: Any) -> None:
+        first(*args)
+        second(*args)
+
+    # Gunicorn checks a hook's arity, so the chained hook takes exactly our arguments.
+    run_both.__signature__ = inspect.signature(ours)  # type: ignore[attr-defined]
+    run_both.__name__ = name
+    run_both.__doc__ = user_hook.__doc__
+    run_both.__wrapped_hooks__ = (first, second)  # type: ignore[attr-defined]
+    return _ours(run_both)

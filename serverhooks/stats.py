@@ -1,0 +1,48 @@
+"""Per-process counters: what serverhooks did to this process's connections.
+
+They are plain integers in module state, so reading them costs nothing and a
+forked child starts from zero (see `reset_for_new_process`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass
+class Counters:
+    """What serverhooks did in the process whose pid is `pid`."""
+
+    pid: int = dataclasses.field(default_factory=os.getpid)
+    #: Connections closed cleanly in a parent right before it forked.
+    closed_before_fork: int = 0
+    #: Inherited connections made unusable in a child without a byte sent.
+    abandoned_after_fork: int = 0
+    #: Django PostgreSQL pools (5.1+) dropped in a child (their sockets neutralised).
+    pools_abandoned_after_fork: int = 0
+    #: Connections closed cleanly when the worker exited.
+    closed_at_exit: int = 0
+    #: Close attempts that failed and were logged instead of raised.
+    errors: int = 0
+
+
+_counters = Counters()
+
+
+def counters() -> Counters:
+    """The live counters of this process (mutated by serverhooks)."""
+    if _counters.pid != os.getpid():
+        reset_for_new_process()
+    return _counters
+
+
+def stats() -> dict[str, int]:
+    """A snapshot of this process's counters, as a plain dict."""
+    return dataclasses.asdict(counters())
+
+
+def reset_for_new_process() -> None:
+    """Start counting afresh: a forked child must not report its parent's work."""
+    global _counters
+    _counters = Counters()

@@ -1,0 +1,1 @@
+"""A small Django project for the tests and the demo: a marker echo over one query."""

@@ -1,0 +1,39 @@
+"""Settings driven by the environment, so one project serves every test arm.
+
+DATABASE_URL       see tests/project/dburl.py; default: SQLite in the temp dir
+CONN_MAX_AGE       seconds, default 3600 (the setting that makes fork inheritance bite)
+SERVERHOOKS_APP    "1" adds "serverhooks" to INSTALLED_APPS (the fork guard everywhere)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from tests.project import dburl
+
+DATABASE_URL = os.environ.get("DATABASE_URL") or "sqlite:///" + os.path.join(
+    tempfile.gettempdir(), "serverhooks-demo.sqlite3"
+)
+_family, _driver = dburl.split_driver(DATABASE_URL)
+if _driver == "pymysql":
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+elif _driver == "psycopg2":
+    # Django prefers psycopg 3 when both are installed; hide it to test psycopg2.
+    sys.modules["psycopg"] = None  # type: ignore[assignment]
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "tests.project.urls"
+INSTALLED_APPS = ["tests.project"]
+if os.environ.get("SERVERHOOKS_APP") == "1":
+    INSTALLED_APPS.append("serverhooks")
+MIDDLEWARE: list[str] = []
+DATABASES = {"default": dburl.parse(DATABASE_URL, int(os.environ.get("CONN_MAX_AGE", "3600")))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGGING = {"version": 1, "disable_existing_loggers": False}

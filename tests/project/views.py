@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+import time
+
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from tests.project.apps import opened_in_this_process
+
+SESSION_ID_SQL = {
+    "mysql": "CONNECTION_ID()",
+    "postgresql": "pg_backend_pid()",
+    "sqlite": "0",
+}
+
+
+def ping(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("pong", content_type="text/plain")
+
+
+def _inherited() -> bool:
+    """True when this request runs on a connection another process opened."""
+    opener = getattr(connection, "opened_in_pid", None)
+    return connection.connection is not None and opener is not None and opener != os.getpid()
+
+
+def echo(request: HttpRequest) -> JsonResponse:
+    """Round-trip a marker through the database, and store it."""
+    marker = request.GET.get("m", "")
+    inherited_before = _inherited()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT %s, {SESSION_ID_SQL[connection.vendor]}", [marker])
+        echoed, session = cursor.fetchone()
+        cursor.execute("INSERT INTO sh_hit (marker, pid) VALUES (%s, %s)", [marker, os.getpid()])
+    return JsonResponse({"m": echoed, "pid": os.getpid(), "session": session, "inherited": inherited_before})
+
+
+def whoami(request: HttpRequest) -> JsonResponse:
+    """What this worker did: the report the demo prints."""
+    import serverhooks
+
+    inherited = _inherited()
+    session = None
+    error = None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {SESSION_ID_SQL[connection.vendor]}")
+            session = cursor.fetchone()[0]
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "inherited": inherited,
+            "session": session,
+            "opened_here": opened_in_this_process(),
+            "error": error,
+            "serverhooks": serverhooks.stats(),
+        }
+    )
+
+
+def sleep(request: HttpRequest) -> JsonResponse:
+    seconds = min(float(request.GET.get("s", "0.2")), 5.0)
+    started = time.monotonic()
+    with connection.cursor() as cursor:
+        if connection.vendor == "mysql":
+            cursor.execute("SELECT SLEEP(%s)", [seconds])
+        elif connection.vendor == "postgresql":
+            cursor.execute("SELECT pg_sleep(%s)", [seconds])
+        else:
+            time.sleep(seconds)
+    return JsonResponse({"pid": os.getpid(), "took": time.monotonic() - started})

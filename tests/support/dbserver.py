@@ -1,0 +1,123 @@
+"""The real database servers the tests use: where they are, and admin queries on them.
+
+SERVERHOOKS_TEST_MYSQL_URL and SERVERHOOKS_TEST_POSTGRES_URL point at them; the
+defaults are this machine's local servers. Each test gets a database of its own,
+so sessions can be counted per test on the server side.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+import pymysql
+
+DEFAULT_URLS = {
+    "mysql": "mysql://root@127.0.0.1:3306/test",
+    "postgres": "postgres://postgres@127.0.0.1:5432/test",
+}
+
+
+def server_url(family: str) -> str:
+    return os.environ.get(f"SERVERHOOKS_TEST_{family.upper()}_URL") or DEFAULT_URLS[family]
+
+
+def _params(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    return {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port,
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "name": unquote(parts.path.lstrip("/")),
+    }
+
+
+@contextmanager
+def admin(family: str, database: str | None = None) -> Iterator[Any]:
+    """An autocommit admin connection (not through Django, not through serverhooks)."""
+    p = _params(server_url(family))
+    if family == "mysql":
+        conn: Any = pymysql.connect(
+            host=p["host"],
+            port=p["port"] or 3306,
+            user=p["user"],
+            password=p["password"],
+            database=database or p["name"],
+            autocommit=True,
+            connect_timeout=5,
+        )
+    else:
+        conn = psycopg.connect(
+            host=p["host"],
+            port=p["port"] or 5432,
+            user=p["user"],
+            password=p["password"],
+            dbname=database or p["name"],
+            autocommit=True,
+            connect_timeout=5,
+        )
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def reachable(family: str) -> str | None:
+    """None when the server answers, else why not."""
+    try:
+        with admin(family) as conn:
+            conn.cursor().execute("SELECT 1")
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def query(family: str, sql: str, params: tuple[Any, ...] = (), database: str | None = None) -> list[tuple[Any, ...]]:
+    with admin(family, database) as conn:
+        cur = conn.cursor()
+        cur.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def create_database(family: str) -> str:
+    name = "sh_" + uuid.uuid4().hex[:12]
+    query(family, f"CREATE DATABASE {name}")
+    return name
+
+
+def drop_database(family: str, name: str) -> None:
+    if family == "mysql":
+        for (session_id,) in query(family, "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s", (name,)):
+            try:
+                query(family, f"KILL {int(session_id)}")
+            except Exception:
+                pass
+        query(family, f"DROP DATABASE IF EXISTS {name}")
+    else:
+        query(family, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def sessions(family: str, name: str) -> list[int]:
+    """Server-side ids of the sessions connected to database `name` right now."""
+    if family == "mysql":
+        rows = query(family, "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s", (name,))
+    else:
+        rows = query(family, "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))
+    return sorted(int(r[0]) for r in rows)
+
+
+def django_url(family: str, name: str, driver: str = "", extra_query: str = "") -> str:
+    """The DATABASE_URL the test project uses to reach database `name`."""
+    parts = urlsplit(server_url(family))
+    scheme = family + (f"+{driver}" if driver else "")
+    return parts._replace(scheme=scheme, path="/" + name, query=extra_query).geturl()
+
+
+def aborted_clients() -> int:
+    return int(query("mysql", "SHOW GLOBAL STATUS LIKE 'Aborted_clients'")[0][1])
