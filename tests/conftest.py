@@ -1,0 +1,84 @@
+"""Shared fixtures: per-test databases on the real servers, and servers that are always stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import dbserver, procs
+
+FAMILIES = ("mysql", "postgres")
+_reachability: dict[str, str | None] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def _safe(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def require_server(family: str) -> None:
+    """Skip (or, under CI=true, fail) with a message that says how to fix it."""
+    if family not in _reachability:
+        _reachability[family] = dbserver.reachable(family)
+    reason = _reachability[family]
+    if reason is None:
+        return
+    message = (
+        f"{family} server at {_safe(dbserver.server_url(family))} does not answer ({reason}). "
+        f"Start it, or point SERVERHOOKS_TEST_{family.upper()}_URL at one."
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def fresh_database(request: pytest.FixtureRequest) -> Iterator[Callable[[str], str]]:
+    """`fresh_database("mysql")` -> the name of a new, empty database, dropped afterwards."""
+    created: list[tuple[str, str]] = []
+
+    def make(family: str) -> str:
+        require_server(family)
+        name = dbserver.create_database(family)
+        created.append((family, name))
+        return name
+
+    yield make
+    for family, name in created:
+        try:
+            dbserver.drop_database(family, name)
+        except Exception as exc:  # never mask the test's own outcome
+            print(f"could not drop {family} database {name}: {exc}")
+
+
+@pytest.fixture
+def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[procs.Server]]:
+    """Servers a test starts go here: all are stopped, and their logs printed on failure."""
+    started: list[procs.Server] = []
+    yield started
+    for server in started:
+        server.stop()
+    failed = any(
+        getattr(request.node, f"rep_{when}", None) and getattr(request.node, f"rep_{when}").failed
+        for when in ("setup", "call")
+    )
+    if failed:
+        for server in started:
+            print(f"\n----- log of server pid {server.pid} ({server.log_path}) -----\n{server.log()[-20000:]}")
+
+
+def project_env(database_url: str, **extra: Any) -> dict[str, str]:
+    env = {"DATABASE_URL": database_url, "DJANGO_SETTINGS_MODULE": "tests.project.settings"}
+    env.update({key: str(value) for key, value in extra.items()})
+    return env

@@ -1,0 +1,108 @@
+"""HTTP over a unix socket (no TCP port to collide on), and a bounded marker load."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+def get(path: str, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One request on a fresh connection: (status, body)."""
+    conn = UnixHTTPConnection(path, timeout)
+    try:
+        conn.request("GET", url, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def get_json(path: str, url: str, timeout: float = 10.0) -> Any:
+    status, body = get(path, url, timeout)
+    if status != 200:
+        raise AssertionError(f"GET {url} -> {status}: {body[:300]!r}")
+    return json.loads(body)
+
+
+def answers(path: str) -> bool:
+    try:
+        return get(path, "/ping", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class MarkerRun:
+    """What a marker load saw, request by request."""
+
+    sent: list[str] = field(default_factory=list)
+    ok: int = 0
+    http_errors: list[str] = field(default_factory=list)
+    wrong: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    sessions: set[tuple[int, Any]] = field(default_factory=set)
+    inherited: int = 0
+    seconds: float = 0.0
+
+
+def marker_load(path: str, clients: int = 8, per_client: int = 250, deadline_s: float = 180.0) -> MarkerRun:
+    """`clients` threads x `per_client` requests to /echo, each with a fresh marker."""
+    run = MarkerRun()
+    lock = threading.Lock()
+    stop_at = time.monotonic() + deadline_s
+
+    def client() -> None:
+        for _ in range(per_client):
+            if time.monotonic() > stop_at:
+                with lock:
+                    run.failures.append("deadline reached")
+                return
+            marker = uuid.uuid4().hex
+            with lock:
+                run.sent.append(marker)
+            try:
+                status, body = get(path, f"/echo?m={marker}")
+            except Exception as exc:
+                with lock:
+                    run.failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                if status != 200:
+                    run.http_errors.append(f"{status}: {body[:200]!r}")
+                    continue
+                data = json.loads(body)
+                if data["m"] != marker:
+                    run.wrong.append((marker, data["m"]))
+                    continue
+                run.ok += 1
+                run.pids.add(data["pid"])
+                run.sessions.add((data["pid"], data["session"]))
+                run.inherited += bool(data["inherited"])
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(deadline_s + 30)
+    run.seconds = time.monotonic() - started
+    return run

@@ -1,0 +1,177 @@
+"""Real server processes for the tests: start, inspect through /proc, stop by pid/pgid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import http
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return sorted(set(found))
+
+
+def _tcp_inodes_to(port: int) -> set[int]:
+    """Inodes of every TCP socket on this host whose remote port is `port`."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    remote_port = int(cols[2].rsplit(":", 1)[1], 16)
+                    if remote_port == port and cols[9] != "0":
+                        inodes.add(int(cols[9]))
+        except OSError:
+            continue
+    return inodes
+
+
+def db_sockets(pids: list[int], port: int) -> dict[int, set[int]]:
+    """{pid: inodes of its sockets connected to the database port}."""
+    wanted = _tcp_inodes_to(port)
+    held: dict[int, set[int]] = {}
+    for pid in pids:
+        inodes: set[int] = set()
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inode = int(target[8:-1])
+                    if inode in wanted:
+                        inodes.add(inode)
+        except OSError:
+            pass
+        held[pid] = inodes
+    return held
+
+
+def shared_inodes(held: dict[int, set[int]]) -> dict[int, list[int]]:
+    """{inode: pids} for every inode held by two processes or more."""
+    owners: dict[int, list[int]] = {}
+    for pid, inodes in held.items():
+        for inode in inodes:
+            owners.setdefault(inode, []).append(pid)
+    return {inode: pids for inode, pids in owners.items() if len(pids) > 1}
+
+
+@dataclass
+class Server:
+    """A server master started by a test, in its own process group."""
+
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    log_path: Path
+    expected_workers: int
+    stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def workers(self) -> list[int]:
+        return children(self.pid)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until /ping answers and every worker is up; bounded by `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if len(self.workers()) >= self.expected_workers and http.answers(self.socket_path):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Graceful stop by pid, then SIGKILL to the whole process group if needed."""
+        if self.stopped:
+            return self.proc.returncode
+        self.stopped = True
+        try:
+            os.kill(self.pid, sig)
+            return self.proc.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_gunicorn(
+    tmp: Path,
+    env: dict[str, str],
+    *,
+    conf: Path | None = None,
+    settings: dict[str, object] | None = None,
+    app: str = "tests.project.wsgi:application",
+    workers: int = 4,
+) -> Server:
+    """Start `python -m gunicorn` with `conf` (default: the shipped gunicorn.conf.py).
+
+    `settings` are written into a config file of their own when no `conf` is given
+    and the shipped file is not wanted; either way the master listens on a unix
+    socket in `tmp`, and its control socket is disabled (several masters run at once).
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    socket_path = str(tmp / "gunicorn.sock")
+    log_path = tmp / "gunicorn.log"
+    full_env = {**os.environ, **env}
+    full_env.update(
+        GUNICORN_BIND=f"unix:{socket_path}",
+        WEB_CONCURRENCY=str(workers),
+        GUNICORN_CONTROL_SOCKET_DISABLE="1",
+        GUNICORN_MAX_REQUESTS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    if settings is not None:
+        conf = tmp / "gunicorn_test.conf.py"
+        lines = [f"{key} = {value!r}" for key, value in settings.items() if key != "_source"]
+        lines.insert(0, str(settings.get("_source", "")))
+        lines += [
+            f"bind = ['unix:{socket_path}']",
+            f"workers = {workers}",
+            "control_socket_disable = True",
+        ]
+        conf.write_text("\n".join(lines) + "\n")
+    conf = conf or REPO / "gunicorn.conf.py"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(conf), app],
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
