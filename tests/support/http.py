@@ -61,6 +61,8 @@ class MarkerRun:
     pids: set[int] = field(default_factory=set)
     sessions: set[tuple[int, Any]] = field(default_factory=set)
     inherited: int = 0
+    requests_by_pid: dict[int, int] = field(default_factory=dict)
+    inherited_by_pid: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -90,6 +92,10 @@ def marker_load(path: str, clients: int = 8, per_client: int = 250, deadline_s: 
                     run.http_errors.append(f"{status}: {body[:200]!r}")
                     continue
                 data = json.loads(body)
+                pid = data["pid"]
+                run.requests_by_pid[pid] = run.requests_by_pid.get(pid, 0) + 1
+                if data["inherited"]:
+                    run.inherited_by_pid[pid] = run.inherited_by_pid.get(pid, 0) + 1
                 if data["m"] != marker:
                     run.wrong.append((marker, data["m"]))
                     continue
