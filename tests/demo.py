@@ -197,14 +197,18 @@ def _short(error: str) -> str:
     return f"HTTP {status}" if status.isdigit() else error.splitlines()[0][:120]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", "sqlite:///demo.sqlite3"))
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     reports = [
         run_arm(name, hooks, args.database_url, args.workers, args.requests, args.clients) for name, hooks in ARMS
     ]

@@ -1,0 +1,120 @@
+"""Every code block in the README is run or checked here, and its tables match the code."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serverhooks import conf
+from tests.support import procs
+
+README = (procs.REPO / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+
+
+def blocks(language: str) -> list[str]:
+    return [body for lang, body in BLOCKS if lang == language]
+
+
+def test_every_block_has_a_known_language() -> None:
+    assert {lang for lang, _ in BLOCKS} <= {"bash", "python", "text"}
+    assert len(BLOCKS) >= 7
+
+
+def test_settings_table_is_generated_from_the_code() -> None:
+    table = re.search(r"<!-- settings-table.*?-->\n(.*?)\n<!-- /settings-table -->", README, flags=re.S)
+    assert table is not None
+    assert table.group(1).strip() == conf.render_table()
+
+
+def test_hook_table_lists_exactly_the_exported_hooks() -> None:
+    import serverhooks.gunicorn
+
+    rows = re.findall(r"^\| `(\w+)` \| (?:master|worker|re-exec)", README, flags=re.M)
+    assert sorted(rows) == sorted(serverhooks.gunicorn.__all__)
+
+
+def test_the_test_command_is_what_ci_runs() -> None:
+    commands = [line.split("#")[0].strip() for line in blocks("bash")[0].splitlines()]
+    assert commands == ["tests/run demo", "tests/run"]
+    ci = (procs.REPO / ".ci" / "run").read_text().splitlines()
+    assert "tests/run" in [line.strip() for line in ci], "CI runs the README's test command exactly"
+
+
+def test_demo_commands_with_urls_are_valid() -> None:
+    from tests.demo import build_parser
+    from tests.project import dburl
+
+    for line in blocks("bash")[1].splitlines():
+        argv = shlex.split(line)
+        assert argv[:2] == ["tests/run", "demo"]
+        args = build_parser().parse_args(argv[2:])
+        assert dburl.parse(args.database_url)["ENGINE"].startswith("django.db.backends.")
+
+
+@pytest.mark.gunicorn
+def test_demo_runs_and_prints_the_rows_the_readme_shows() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.demo", "--requests", "160"],
+        cwd=procs.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "serverhooks arm: clean" in out.stdout
+    shown = [re.split(r"\s{2,}", line.strip())[0] for line in blocks("text")[0].splitlines()[1:]]
+    for label in shown:
+        assert label in out.stdout, label
+
+
+@pytest.mark.gunicorn
+def test_gunicorn_conf_snippets_pass_check_config(tmp_path: Path) -> None:
+    snippets = [body for body in blocks("python") if body.startswith("# gunicorn.conf.py")]
+    assert len(snippets) == 2
+    for index, body in enumerate(snippets):
+        path = tmp_path / f"snippet{index}.conf.py"
+        path.write_text(body + "\ncontrol_socket_disable = True\n")
+        out = subprocess.run(
+            [sys.executable, "-m", "gunicorn", "--check-config", "-c", str(path), "tests.project.wsgi"],
+            cwd=procs.REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.project.settings"},
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_installed_apps_snippet_is_valid_python() -> None:
+    (snippet,) = [body for body in blocks("python") if "INSTALLED_APPS" in body]
+    namespace: dict[str, object] = {}
+    exec(compile(snippet, "README", "exec"), namespace)
+    assert "serverhooks" in namespace["INSTALLED_APPS"]  # type: ignore[operator]
+
+
+def test_function_api_snippet_runs(tmp_path: Path) -> None:
+    (snippet,) = [body for body in blocks("python") if "serverhooks.close_before_fork()" in body]
+    code = "import django; django.setup()\nfrom django.db import connection\nconnection.ensure_connection()\n" + snippet
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.project.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/api.sqlite3",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=procs.REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "'closed_before_fork': 1" in out.stdout
+
+
+def test_settings_example_uses_known_keys() -> None:
+    example = re.search(r"For example `SERVERHOOKS = (\{.*?\})`", README)
+    assert example is not None
+    assert set(eval(example.group(1))) <= {setting.key for setting in conf.SETTINGS}
