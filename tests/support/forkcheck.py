@@ -89,7 +89,7 @@ def main() -> None:
     result: dict[str, Any] = {"vendor": connection.vendor}
     result["parent_before"] = _session()
     result["parent_raw_id"] = id(connection.connection)
-    if connection.vendor == "postgresql" and connection.pool is not None:
+    if connection.vendor == "postgresql" and getattr(connection, "pool", None) is not None:
         result["pooled"] = True
 
     parked = threading.Event()
