@@ -43,7 +43,8 @@ def loaded_settings_are_configured() -> bool:
 
 def status_without_importing() -> DjangoStatus:
     """What can be known without importing Django or the settings module (for masters)."""
-    if "django" not in sys.modules and importlib.util.find_spec("django") is None:
+    # sys.modules["django"] = None (an import blocked on purpose) counts as absent too.
+    if sys.modules.get("django") is None and importlib.util.find_spec("django") is None:
         return DjangoStatus.ABSENT
     if loaded_settings_are_configured() or os.environ.get("DJANGO_SETTINGS_MODULE"):
         return DjangoStatus.READY

@@ -157,8 +157,23 @@ def close_before_fork() -> None:
         for cache in _initialised_caches():
             try:
                 cache.close()
+                _disconnect_redis_pools(cache)
+                stats.caches_closed_before_fork += 1
             except Exception as exc:
+                stats.errors += 1
                 logger.warning("serverhooks: closing cache %r before fork failed: %s", cache, describe_error(exc))
+
+
+def _disconnect_redis_pools(cache: Any) -> None:
+    """Django's RedisCache.close() is a no-op: its pools keep their sockets open.
+
+    Its client (a cached property) only exists once the cache was used.
+    """
+    client = vars(cache).get("_cache")
+    pools = getattr(client, "_pools", None)
+    if isinstance(pools, dict):
+        for pool in pools.values():
+            pool.disconnect()
 
 
 def hold_for_fork() -> None:

@@ -17,6 +17,8 @@ class Counters:
     pid: int = dataclasses.field(default_factory=os.getpid)
     #: Connections closed cleanly in a parent right before it forked.
     closed_before_fork: int = 0
+    #: Django cache clients closed in a parent right before it forked.
+    caches_closed_before_fork: int = 0
     #: Inherited connections made unusable in a child without a byte sent.
     abandoned_after_fork: int = 0
     #: Django PostgreSQL pools (5.1+) dropped in a child (their sockets neutralised).

@@ -44,6 +44,28 @@ def test_no_django_settings(tmp_path: Path, servers: list[procs.Server]) -> None
     assert "Traceback" not in log
 
 
+def test_django_not_installed(tmp_path: Path, servers: list[procs.Server]) -> None:
+    conf = tmp_path / "nodjango.conf.py"
+    conf.write_text(
+        "import sys\nsys.modules['django'] = None  # as if Django were not installed\n"
+        + (procs.REPO / "gunicorn.conf.py").read_text()
+    )
+    server = procs.start_gunicorn(
+        tmp_path,
+        {"DJANGO_SETTINGS_MODULE": "tests.project.settings"},
+        conf=conf,
+        app="tests.support.plainapp:application",
+        workers=2,
+    )
+    servers.append(server)
+    server.wait_ready()
+    assert http.get(server.socket_path, "/")[0] == 200
+    server.stop()
+    log = server.log()
+    assert log.count("serverhooks: Django is not installed; the hooks do nothing.") == 1, log
+    assert "Traceback" not in log
+
+
 def test_broken_settings_module(tmp_path: Path, servers: list[procs.Server]) -> None:
     env = {"DJANGO_SETTINGS_MODULE": "tests.project.no_such_settings"}
     server = _boot(tmp_path, servers, env, "tests.support.plainapp:application")

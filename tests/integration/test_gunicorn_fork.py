@@ -113,3 +113,26 @@ def test_hooks_arm_nothing_shared_no_wrong_answers(
     assert re.search(r"serverhooks: pid \d+ counters: closed_before_fork=1", log), "the master closed its socket"
     if family == "mysql":
         assert dbserver.aborted_clients() == aborted_before, "every session ended with COM_QUIT"
+
+
+@pytest.mark.parametrize("hooks", [False, True], ids=["control", "hooks"])
+def test_cache_client_sockets_are_not_inherited(hooks: bool, servers: list[procs.Server], tmp_path: Path) -> None:
+    """Django's RedisCache used in the master: its pool's socket must not reach the workers."""
+    from tests.conftest import require_server
+
+    require_server("redis")
+    redis_url = dbserver.server_url("redis")
+    env = project_env(f"sqlite:///{tmp_path}/cache.sqlite3", QUERY_AT_IMPORT=1, CACHE_URL=redis_url)
+    settings: dict[str, object] = {"preload_app": True}
+    if hooks:
+        settings["_source"] = "from serverhooks.gunicorn import *"
+    server = procs.start_gunicorn(tmp_path, env, settings=settings, workers=2)
+    servers.append(server)
+    server.wait_ready()
+    from urllib.parse import urlsplit
+
+    held = procs.db_sockets([server.pid, *server.workers()], urlsplit(redis_url).port or 6379)
+    if hooks:
+        assert procs.shared_inodes(held) == {} and held[server.pid] == set(), held
+    else:
+        assert any(len(owners) == 3 for owners in procs.shared_inodes(held).values()), held

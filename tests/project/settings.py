@@ -2,6 +2,7 @@
 
 DATABASE_URL       see tests/project/dburl.py; default: SQLite in the temp dir
 CONN_MAX_AGE       seconds, default 3600 (the setting that makes fork inheritance bite)
+CACHE_URL          redis://... makes the default cache Django's RedisCache
 DATABASE_ENGINE    replaces ENGINE (the bad-input tests)
 SERVERHOOKS_APP    "1" adds "serverhooks" to INSTALLED_APPS (the fork guard everywhere)
 """
@@ -38,5 +39,9 @@ MIDDLEWARE: list[str] = []
 DATABASES = {"default": dburl.parse(DATABASE_URL, int(os.environ.get("CONN_MAX_AGE", "3600")))}
 if os.environ.get("DATABASE_ENGINE"):  # the bad-input tests' wrong ENGINE
     DATABASES["default"]["ENGINE"] = os.environ["DATABASE_ENGINE"]
+if os.environ.get("CACHE_URL"):
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": os.environ["CACHE_URL"]}
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGGING = {"version": 1, "disable_existing_loggers": False}

@@ -16,3 +16,7 @@ if os.environ.get("QUERY_AT_IMPORT") == "1":
     for _alias in connections:
         with connections[_alias].cursor() as _cursor:
             _cursor.execute("SELECT 1")
+    if os.environ.get("CACHE_URL"):
+        from django.core.cache import cache
+
+        cache.set("warmed-in-master", os.getpid())

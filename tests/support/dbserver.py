@@ -20,6 +20,7 @@ import pymysql
 DEFAULT_URLS = {
     "mysql": "mysql://root@127.0.0.1:3306/test",
     "postgres": "postgres://postgres@127.0.0.1:5432/test",
+    "redis": "redis://127.0.0.1:6379/0",
 }
 
 
@@ -70,6 +71,14 @@ def admin(family: str, database: str | None = None) -> Iterator[Any]:
 
 def reachable(family: str) -> str | None:
     """None when the server answers, else why not."""
+    if family == "redis":
+        import redis
+
+        try:
+            redis.Redis.from_url(server_url(family), socket_timeout=5).ping()
+            return None
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
     try:
         with admin(family) as conn:
             conn.cursor().execute("SELECT 1")
