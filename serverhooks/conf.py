@@ -37,6 +37,26 @@ def _parse_bool(raw: object) -> bool:
     raise ConfigurationError(f"expected a boolean (1/0, true/false, yes/no), got {raw!r}")
 
 
+def _parse_positive_int(raw: object) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigurationError(f"expected a whole number of at least 1, got {raw!r}") from None
+    if value < 1:
+        raise ConfigurationError(f"expected a whole number of at least 1, got {raw!r}")
+    return value
+
+
+def _parse_seconds(raw: object) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ConfigurationError(f"expected a number of seconds above 0, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigurationError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
+
+
 def _parse_level(raw: object) -> str:
     name = str(raw).strip().upper()
     if name not in {"DEBUG", "INFO", "WARNING"}:
@@ -76,6 +96,26 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_bool,
         "The first worker checks, in a background thread, that every database alias loads "
         "and answers, and logs a WARNING that names the problem when one does not.",
+    ),
+    Setting(
+        "GEVENT_POOL",
+        True,
+        _parse_bool,
+        "Under gevent, give each worker a bounded pool of connections that its greenlets check out "
+        "and return at the end of each request. Off: plain Django, one connection per greenlet.",
+    ),
+    Setting(
+        "POOL_SIZE",
+        10,
+        _parse_positive_int,
+        "Most connections a worker's gevent pool holds per database alias (idle plus in use).",
+    ),
+    Setting(
+        "POOL_TIMEOUT",
+        10.0,
+        _parse_seconds,
+        "Seconds a greenlet waits for a free pooled connection before the query fails with an error "
+        "naming this setting.",
     ),
     Setting(
         "STATS_LOG_LEVEL",

@@ -245,6 +245,9 @@ def abandon_inherited() -> int:
         _forget_connection(wrapper)
     _abandon_pools(stats)
     _forget_caches()
+    gevent_pool = sys.modules.get("serverhooks.pool")
+    if gevent_pool is not None:
+        gevent_pool.forget_after_fork()
     _held_for_fork.clear()
     # The wrappers of the parent's other threads are unreachable here now.
     _tracked = {}
@@ -302,13 +305,17 @@ def prepare_worker(*, probe_databases: bool = False) -> None:
     start_tracking()
     if conf.get("FORK_GUARD"):
         forkguard.install_fork_guard()
+    from serverhooks import greenlets
+
+    if greenlets.gevent_patched():
+        greenlets.prepare_gevent_worker()
     if probe_databases and conf.get("PROBE_DATABASES"):
         from serverhooks.probe import probe_in_background
 
         probe_in_background()
 
 
-def _close_wrapper(wrapper: Any) -> bool:
+def close_wrapper(wrapper: Any) -> bool:
     """Close a wrapper cleanly, even one created by another thread."""
     if wrapper.connection is None:
         return False
@@ -333,7 +340,7 @@ def close_at_exit() -> None:
         stats = counters()
         for wrapper in _all_wrappers():
             try:
-                if _close_wrapper(wrapper):
+                if close_wrapper(wrapper):
                     stats.closed_at_exit += 1
             except Exception as exc:
                 stats.errors += 1

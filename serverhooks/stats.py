@@ -25,6 +25,17 @@ class Counters:
     pools_abandoned_after_fork: int = 0
     #: Connections closed cleanly when the worker exited.
     closed_at_exit: int = 0
+    #: gevent pool: sessions opened by pooled connections.
+    pool_opened: int = 0
+    #: gevent pool: checkouts served by an already open session.
+    pool_reused: int = 0
+    #: gevent pool: sessions closed as expired, broken, or left inside a transaction.
+    pool_discarded: int = 0
+    #: gevent pool: connections recovered from greenlets that died holding them.
+    pool_reclaimed: int = 0
+    #: gevent pool: checkouts that had to wait, and the seconds spent waiting.
+    pool_waits: int = 0
+    pool_wait_seconds: float = 0.0
     #: Close attempts that failed and were logged instead of raised.
     errors: int = 0
 
@@ -39,7 +50,7 @@ def counters() -> Counters:
     return _counters
 
 
-def stats() -> dict[str, int]:
+def stats() -> dict[str, float]:
     """A snapshot of this process's counters, as a plain dict."""
     return dataclasses.asdict(counters())
 

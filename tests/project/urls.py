@@ -7,4 +7,10 @@ urlpatterns = [
     path("echo", views.echo),
     path("whoami", views.whoami),
     path("sleep", views.sleep),
+    path("leave-transaction-open", views.leave_transaction_open),
+    path("raise-inside-atomic", views.raise_inside_atomic),
+    path("set-time-zone", views.set_time_zone),
+    path("state", views.state),
+    path("spawn-and-forget", views.spawn_and_forget),
+    path("count", views.count),
 ]

@@ -72,3 +72,78 @@ def sleep(request: HttpRequest) -> JsonResponse:
         else:
             time.sleep(seconds)
     return JsonResponse({"pid": os.getpid(), "took": time.monotonic() - started})
+
+
+def _session_id() -> object:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {SESSION_ID_SQL[connection.vendor]}")
+        return cursor.fetchone()[0]
+
+
+def leave_transaction_open(request: HttpRequest) -> JsonResponse:
+    """A buggy view: turns autocommit off, writes, and never commits."""
+    from django.db import transaction
+
+    transaction.set_autocommit(False)
+    with connection.cursor() as cursor:
+        cursor.execute("INSERT INTO sh_hit (marker, pid) VALUES (%s, %s)", [request.GET.get("m", ""), os.getpid()])
+    return JsonResponse({"session": _session_id()})
+
+
+def raise_inside_atomic(request: HttpRequest) -> HttpResponse:
+    from django.db import transaction
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO sh_hit (marker, pid) VALUES (%s, %s)", [request.GET.get("m", ""), os.getpid()])
+        raise RuntimeError("raised inside atomic() on purpose")
+
+
+def set_time_zone(request: HttpRequest) -> JsonResponse:
+    """A view that changes session state behind Django's back (PostgreSQL)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'Asia/Tokyo'")
+    return JsonResponse({"session": _session_id()})
+
+
+def state(request: HttpRequest) -> JsonResponse:
+    """What a fresh request finds on its connection."""
+    time_zone = None
+    in_transaction = None
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SHOW TIME ZONE")
+            time_zone = cursor.fetchone()[0]
+            in_transaction = int(connection.connection.info.transaction_status) != 0
+        elif connection.vendor == "mysql":
+            cursor.execute("SELECT @@in_transaction")
+            in_transaction = bool(cursor.fetchone()[0])
+    return JsonResponse(
+        {
+            "session": _session_id(),
+            "autocommit": connection.get_autocommit(),
+            "in_atomic_block": connection.in_atomic_block,
+            "in_transaction": in_transaction,
+            "time_zone": time_zone,
+            "pid": os.getpid(),
+        }
+    )
+
+
+def spawn_and_forget(request: HttpRequest) -> JsonResponse:
+    """A greenlet that queries and dies without any request_finished."""
+    import gevent
+
+    def work() -> object:
+        return _session_id()
+
+    greenlet = gevent.spawn(work)
+    greenlet.join(10)
+    return JsonResponse({"spawned_session": greenlet.value, "pid": os.getpid()})
+
+
+def count(request: HttpRequest) -> JsonResponse:
+    marker = request.GET.get("m", "")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM sh_hit WHERE marker = %s", [marker])
+        return JsonResponse({"count": cursor.fetchone()[0]})
