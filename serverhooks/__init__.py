@@ -10,12 +10,19 @@ a server we ship no adapter for:
     abandon_inherited()   in each child, first thing after the fork
     prepare_worker()      in each worker, once the app is loaded
     close_at_exit()       in each worker, as it exits
+    release_connections() when a request, task or thread's work is done
 """
 
 from __future__ import annotations
 
 from serverhooks.forkguard import fork_guard_installed, install_fork_guard, uninstall_fork_guard
-from serverhooks.lifecycle import abandon_inherited, close_at_exit, close_before_fork, prepare_worker
+from serverhooks.lifecycle import (
+    abandon_inherited,
+    close_at_exit,
+    close_before_fork,
+    prepare_worker,
+    release_connections,
+)
 from serverhooks.stats import stats
 
 __version__ = "0.1.0"
@@ -27,6 +34,7 @@ __all__ = [
     "fork_guard_installed",
     "install_fork_guard",
     "prepare_worker",
+    "release_connections",
     "stats",
     "uninstall_fork_guard",
 ]

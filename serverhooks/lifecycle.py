@@ -330,6 +330,28 @@ def close_wrapper(wrapper: Any) -> bool:
     return True
 
 
+def release_connections() -> int:
+    """End of a unit of work in this thread or greenlet: give its connections back.
+
+    Under the gevent pool they return to the pool; otherwise they are closed, as
+    a thread that ends would otherwise leave them for the garbage collector.
+    Returns how many were released.
+    """
+    db = _django.loaded_db()
+    if db is None:
+        return 0
+    gevent_pool = sys.modules.get("serverhooks.pool")
+    released = gevent_pool.release_current() if gevent_pool is not None and gevent_pool.active() else 0
+    for wrapper in _this_thread_wrappers():
+        try:
+            if close_wrapper(wrapper):
+                released += 1
+        except Exception as exc:
+            counters().errors += 1
+            logger.warning("serverhooks: closing %r failed: %s", wrapper.alias, describe_error(exc))
+    return released
+
+
 def close_at_exit() -> None:
     """Exiting process: close its connections with a proper goodbye, log the counters.
 

@@ -61,6 +61,7 @@ class GreenletPool:
         self._reclaimed: list[Any] = []  # from dead greenlets: cleaned by the next checkout
         self._holdings: dict[int, _Holding] = {}
         self._linked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._last_timeout_logged = float("-inf")
 
     # ----------------------------------------------------------------- checkout
 
@@ -73,12 +74,14 @@ class GreenletPool:
             acquired = self._slots.acquire(timeout=self.timeout)
             stats.pool_wait_seconds += time.monotonic() - started
             if not acquired:
-                raise PoolTimeout(
+                error = PoolTimeout(
                     f"serverhooks: no connection to database {self.alias!r} became free within "
                     f"POOL_TIMEOUT={self.timeout:g} s; all POOL_SIZE={self.size} are in use by this worker. "
                     "Raise SERVERHOOKS['POOL_SIZE'] (within the database's max_connections) or "
                     "SERVERHOOKS['POOL_TIMEOUT'], or hold connections for less time."
                 )
+                self._log_timeout(error)
+                raise error
         try:
             wrapper = self._next_wrapper()
         except BaseException:
@@ -86,6 +89,14 @@ class GreenletPool:
             raise
         self._hold(wrapper)
         return wrapper
+
+    def _log_timeout(self, error: PoolTimeout) -> None:
+        """Django logs the failed request only where its logging is set up: say it here too,
+        at most every 10 s, so an overloaded worker does not flood its log."""
+        now = time.monotonic()
+        if now - self._last_timeout_logged >= 10.0:
+            self._last_timeout_logged = now
+            logger.warning("%s", error)
 
     def _next_wrapper(self) -> Any:
         while self._reclaimed:
@@ -248,10 +259,18 @@ def _is_usable(wrapper: Any) -> bool:
 
 
 def _driver_in_transaction(raw: Any) -> bool:
-    """PostgreSQL in autocommit mode may still be inside an explicit BEGIN."""
+    """An explicit BEGIN keeps a transaction open even in autocommit mode: is one open?
+
+    Read from what the driver already knows, no round trip: psycopg and psycopg2
+    track libpq's transaction status, PyMySQL the server's status flags. mysqlclient
+    does not expose them; there, only Django's own autocommit check applies.
+    """
     info = getattr(raw, "info", None)
     status = getattr(info, "transaction_status", None)
-    return status is not None and int(status) != 0  # 0: IDLE in both psycopg and psycopg2
+    if status is not None:
+        return int(status) != 0  # 0: IDLE in both psycopg and psycopg2
+    server_status = getattr(raw, "server_status", None)  # PyMySQL
+    return isinstance(server_status, int) and bool(server_status & 0x0001)  # SERVER_STATUS_IN_TRANS
 
 
 # --------------------------------------------------------------------------- activation

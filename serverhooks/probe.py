@@ -47,11 +47,10 @@ def probe_databases() -> dict[str, str]:
                 results[alias],
                 alias,
             )
-        finally:
-            try:
-                wrapper.close()
-            except Exception:
-                pass
+    # Under the gevent pool this thread is a greenlet holding pooled connections.
+    from serverhooks.lifecycle import release_connections
+
+    release_connections()
     return results
 
 

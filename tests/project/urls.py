@@ -9,6 +9,7 @@ urlpatterns = [
     path("sleep", views.sleep),
     path("leave-transaction-open", views.leave_transaction_open),
     path("raise-inside-atomic", views.raise_inside_atomic),
+    path("begin-behind-djangos-back", views.begin_behind_djangos_back),
     path("set-time-zone", views.set_time_zone),
     path("state", views.state),
     path("spawn-and-forget", views.spawn_and_forget),

@@ -90,6 +90,14 @@ def leave_transaction_open(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"session": _session_id()})
 
 
+def begin_behind_djangos_back(request: HttpRequest) -> JsonResponse:
+    """Opens a transaction with raw SQL while Django believes it is in autocommit."""
+    with connection.cursor() as cursor:
+        cursor.execute("START TRANSACTION" if connection.vendor == "mysql" else "BEGIN")
+        cursor.execute("INSERT INTO sh_hit (marker, pid) VALUES (%s, %s)", [request.GET.get("m", ""), os.getpid()])
+    return JsonResponse({"session": _session_id()})
+
+
 def raise_inside_atomic(request: HttpRequest) -> HttpResponse:
     from django.db import transaction
 

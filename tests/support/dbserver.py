@@ -8,6 +8,8 @@ so sessions can be counted per test on the server side.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,3 +132,43 @@ def django_url(family: str, name: str, driver: str = "", extra_query: str = "") 
 
 def aborted_clients() -> int:
     return int(query("mysql", "SHOW GLOBAL STATUS LIKE 'Aborted_clients'")[0][1])
+
+
+def sessions_or_none(family: str, name: str, tries: int = 20, pause: float = 0.25) -> list[int] | None:
+    """`sessions()`, retried while the server refuses new connections; None if it kept refusing."""
+    for _ in range(tries):
+        try:
+            return sessions(family, name)
+        except Exception:
+            time.sleep(pause)
+    return None
+
+
+class SessionSampler:
+    """Samples the server-side session count of one database in a thread (bounded)."""
+
+    def __init__(self, family: str, name: str, interval: float = 0.05, max_seconds: float = 300.0) -> None:
+        self.family, self.name, self.interval, self.max_seconds = family, name, interval, max_seconds
+        self.peak = 0
+        self.samples = 0
+        self.refused: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.peak = max(self.peak, len(sessions(self.family, self.name)))
+                self.samples += 1
+            except Exception as exc:  # e.g. "Too many connections": the control arm's symptom
+                self.refused.append(f"{type(exc).__name__}: {exc}")
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> SessionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -112,3 +112,30 @@ def marker_load(path: str, clients: int = 8, per_client: int = 250, deadline_s: 
         t.join(deadline_s + 30)
     run.seconds = time.monotonic() - started
     return run
+
+
+def concurrent_gets(path: str, url: str, clients: int, per_client: int, timeout: float = 30.0) -> dict[int, int]:
+    """`clients` threads each GET `url` `per_client` times at once; {status: count} (0: no answer)."""
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(clients, timeout=30)
+
+    def client() -> None:
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:
+            pass
+        for _ in range(per_client):
+            try:
+                status = get(path, url, timeout=timeout)[0]
+            except Exception:
+                status = 0
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * per_client + 30)
+    return statuses
