@@ -35,7 +35,7 @@ def _after_in_parent() -> None:
 def _after_in_child() -> None:
     if _enabled:
         try:
-            lifecycle.abandon_inherited()
+            lifecycle.abandon_inherited_after_guarded_fork()
         except Exception as exc:
             logger.warning("serverhooks: fork guard (child): %s", describe_error(exc))
     else:

@@ -22,7 +22,9 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from serverhooks import _django, forkguard, lifecycle
+# greenlets and probe run in workers: importing them here, in the master, spares
+# every worker the import (and its copy-on-write page faults).
+from serverhooks import _django, forkguard, greenlets, lifecycle, probe  # noqa: F401
 from serverhooks._log import describe_error, logger, say_once
 from serverhooks.stats import counters
 
@@ -55,8 +57,18 @@ def _route_logs_to_gunicorn(glog: Any) -> None:
     logger.propagate = False
 
 
+_hooks_checked = False
+
+
 def _warn_about_replaced_hooks(cfg: Any) -> None:
-    """A hook defined after the star import silently replaces ours: say how to keep both."""
+    """A hook defined after the star import silently replaces ours: say how to keep both.
+
+    Once per master: workers inherit the flag (and the config) from it.
+    """
+    global _hooks_checked
+    if _hooks_checked:
+        return
+    _hooks_checked = True
     for name in __all__:
         try:
             current = cfg.settings[name].get()
