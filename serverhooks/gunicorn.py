@@ -19,29 +19,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 # greenlets and probe run in workers: importing them here, in the master, spares
 # every worker the import (and its copy-on-write page faults).
 from serverhooks import _django, forkguard, greenlets, lifecycle, probe  # noqa: F401
-from serverhooks._log import describe_error, logger, say_once
-from serverhooks.stats import counters
+from serverhooks._log import logger, never_raise, say_once
 
 __all__ = ["on_exit", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit"]
 
 Hook = Callable[..., None]
 
 
-@contextlib.contextmanager
-def _never_raise(hook: str) -> Iterator[None]:
-    """An exception in a hook halts Gunicorn (post_fork) or kills a worker: log it instead."""
-    try:
-        yield
-    except Exception as exc:
-        counters().errors += 1
-        logger.warning("serverhooks: the %s hook failed: %s; Gunicorn carries on.", hook, describe_error(exc))
-        logger.debug("serverhooks: %s traceback", hook, exc_info=True)
+def _never_raise(hook: str) -> contextlib.AbstractContextManager[None]:
+    return never_raise(hook, "Gunicorn")
 
 
 def _route_logs_to_gunicorn(glog: Any) -> None:

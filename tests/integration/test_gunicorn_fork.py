@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gunicorn
 PORTS = {"mysql": 3306, "postgres": 5432}
 WORKERS = 4
 THREADS = {"sync": 1, "gthread": 4}
-PROTOCOL_ERRORS = re.compile(r"\b(2006|2013|2014|2027)\b|lost synchronization|InterfaceError|Traceback")
+PROTOCOL_ERRORS = re.compile(r"\((2006|2013|2014|2027), |lost synchronization|InterfaceError|Traceback")
 
 
 def _port(family: str) -> int:

@@ -175,3 +175,33 @@ def start_gunicorn(
             start_new_session=True,
         )
     return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
+
+
+def start_uwsgi(
+    tmp: Path,
+    env: dict[str, str],
+    *,
+    ini: Path | None = None,
+    args: list[str] | None = None,
+    app: str = "tests.project.wsgi:application",
+    workers: int = 4,
+) -> Server:
+    """Start uWSGI with `ini` (default: the shipped uwsgi.ini), serving HTTP on a unix socket."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    socket_path = str(tmp / "http.sock")
+    log_path = tmp / "uwsgi.log"
+    full_env = {**os.environ, **env}
+    full_env.update(
+        UWSGI_SOCKET=str(tmp / "uwsgi.sock"),
+        UWSGI_PROCESSES=str(workers),
+        UWSGI_MAX_REQUESTS=full_env.get("UWSGI_MAX_REQUESTS", "0"),
+        PYTHONUNBUFFERED="1",
+    )
+    uwsgi_bin = str(Path(sys.executable).with_name("uwsgi"))
+    command = [uwsgi_bin, "--ini", str(ini or REPO / "uwsgi.ini"), "--http-socket", socket_path, "--module", app]
+    command += ["--chdir", str(REPO), *(args or [])]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
