@@ -23,7 +23,7 @@ def blocks(language: str) -> list[str]:
 
 
 def test_every_block_has_a_known_language() -> None:
-    assert {lang for lang, _ in BLOCKS} <= {"bash", "python", "text"}
+    assert {lang for lang, _ in BLOCKS} <= {"bash", "python", "text", "ini"}
     assert len(BLOCKS) >= 7
 
 
@@ -118,3 +118,33 @@ def test_settings_example_uses_known_keys() -> None:
     example = re.search(r"For example `SERVERHOOKS = (\{.*?\})`", README)
     assert example is not None
     assert set(eval(example.group(1))) <= {setting.key for setting in conf.SETTINGS}
+
+
+def test_uwsgi_snippets_match_the_shipped_file_and_the_adapter() -> None:
+    (ini,) = blocks("ini")
+    shipped = (procs.REPO / "uwsgi.ini").read_text()
+    for line in ini.splitlines():
+        if line and not line.startswith(";"):
+            assert line in shipped, line
+    (snippet,) = [body for body in blocks("python") if "serverhooks.uwsgi import postfork" in body]
+    code = snippet.replace("    ...", "    calls.append(1)")
+    namespace: dict[str, object] = {"calls": []}
+    exec(compile(code, "README", "exec"), namespace)  # outside uWSGI: defined, never called
+    assert namespace["calls"] == [] and callable(namespace["connect_metrics"])
+
+
+def test_fork_hook_table_matches_the_tests() -> None:
+    """The table states what test_whether_register_at_fork_handlers_run_in_workers asserts."""
+    from tests.integration import test_uwsgi
+
+    (mark,) = [
+        m
+        for m in test_uwsgi.test_whether_register_at_fork_handlers_run_in_workers.pytestmark
+        if m.name == "parametrize"
+    ]
+    asserted = {
+        ("none (uWSGI's default)" if not options else f"`{options[0].lstrip('-')}`"): "yes" if runs else "no"
+        for options, runs in mark.args[1]
+    }
+    rows = dict(re.findall(r"^\| (none \(uWSGI's default\)|`[\w-]+`)[^|]* \| (yes|no)", README, flags=re.M))
+    assert rows == asserted
