@@ -30,38 +30,47 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import random
-import re
 import resource
 import shutil
 import socket
-import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench.common import (
+    BENCH_DIR,
+    FAMILY_TITLE,
+    REPO,
+    bootstrap,
+    bytecode_env,
+    cpu_seconds,
+    db_server_pids,
+    drop_quietly,
+    environment,
+    load_average,
+    machine_busy_seconds,
+    median,
+    quartiles,
+    schema,
+    snapshot_code,
+    verdict,
+    yes,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.pool import Pool
 
     from tests.support.procs import Server
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out" / "last"
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
-# The code the servers run: serverhooks/ and tests/ as committed at HEAD, and this bench,
+# The code the servers run: serverhooks/ and tests/ as committed at HEAD, and the bench,
 # copied at the start, so edits made in the checkout meanwhile cannot leak into a run.
 CODE_DIR = OUT_DIR / "code"
-# Bytecode caches for every process the bench starts, as an installed package would have
-# them (this machine may set PYTHONDONTWRITEBYTECODE): outside the source tree.
-PYCACHE_DIR = BENCH_DIR / "out" / "pycache"
 
 WITHOUT, WITH = "without", "with"
 ARMS = (WITHOUT, WITH)  # the order of every round: A then B
@@ -260,85 +269,15 @@ class Plan:
 QUICK = Plan("quick", 2, 8, 2, 2, 1.0, 0.3, 2, 3)
 FULL = Plan("full", 10, 8, 6, 3, 2.5, 1.0, 2, 3)
 
-FAMILY_TITLE = {"mysql": "MariaDB", "postgres": "PostgreSQL"}
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return (median(values), median(values))
-    q1, _q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def bootstrap(
-    a: Sequence[float], b: Sequence[float], stat: Callable[[float, float], float], n: int = 2000, seed: int = 12345
-) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of stat(median(a), median(b)), resampling each arm."""
-    if not a or not b:
-        return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    values = sorted(stat(median(rng.choices(a, k=len(a))), median(rng.choices(b, k=len(b)))) for _ in range(n))
-    return values[int(0.025 * (n - 1))], values[int(0.975 * (n - 1))]
-
-
-def _bytecode_env() -> dict[str, str]:
-    return {"PYTHONPYCACHEPREFIX": str(PYCACHE_DIR), "PYTHONDONTWRITEBYTECODE": ""}
-
 
 def _project_env(database_url: str, **extra: str) -> dict[str, str]:
     return {
         "DATABASE_URL": database_url,
         "DJANGO_SETTINGS_MODULE": "tests.project.settings",
         "CONN_MAX_AGE": "3600",
-        **_bytecode_env(),
+        **bytecode_env(),
         **extra,
     }
-
-
-def _git(*args: str) -> bytes:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, timeout=60).stdout
-
-
-def snapshot_code() -> dict[str, str]:
-    """Copy the code under test into CODE_DIR and precompile it; say what was taken."""
-    import io
-    import tarfile
-
-    shutil.rmtree(CODE_DIR, ignore_errors=True)
-    CODE_DIR.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(_git("archive", "--format=tar", "HEAD", "serverhooks", "tests"))) as tar:
-        tar.extractall(CODE_DIR, filter="data")
-    (CODE_DIR / "bench").mkdir()
-    for name in ("__init__.py", "gunicorn_bench.py"):
-        shutil.copy2(BENCH_DIR / name, CODE_DIR / "bench" / name)
-    # serverhooks imports some modules lazily in each worker: give them bytecode, as pip install would.
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(CODE_DIR)],
-        env={**os.environ, **_bytecode_env()},
-        check=True,
-        timeout=120,
-        stdout=subprocess.DEVNULL,
-    )
-    version = re.search(r'__version__ = "([^"]+)"', (CODE_DIR / "serverhooks" / "__init__.py").read_text())
-    uncommitted = _git("status", "--porcelain", "--", "serverhooks", "tests").decode().split("\n")
-    return {
-        "serverhooks": version.group(1) if version else "?",
-        "commit": _git("rev-parse", "--short", "HEAD").decode().strip(),
-        "uncommitted": str(len([line for line in uncommitted if line.strip()])),
-    }
-
-
-def _drop_quietly(family: str, name: str) -> None:
-    from tests.support import dbserver
-
-    try:
-        dbserver.drop_database(family, name)
-    except Exception as exc:
-        print(f"  could not drop {family} database {name}: {exc}", file=sys.stderr)
 
 
 # =========================================================================== part 1: fork-to-ready
@@ -397,7 +336,7 @@ def run_fork_part(plan: Plan) -> dict[str, list[dict[str, Any]]]:
             print(f"  fork round {rnd + 1}/{plan.fork_rounds}: medians so far: {so_far}", flush=True)
     finally:
         for name in databases.values():
-            _drop_quietly("mysql", name)
+            drop_quietly("mysql", name)
     return records
 
 
@@ -553,42 +492,7 @@ def _client_process(args: tuple[str, int, float, float, int]) -> LoadCounts:
     return total
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-DB_PROCESS_NAMES = {"mariadbd", "mysqld", "postgres"}
 QUIET_CORES = 0.25  # other work below this, in both windows of a pair, makes a "quiet" pair
-
-
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of `pids`, from /proc."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICKS
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def _db_server_pids() -> list[int]:
-    pids: list[int] = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() in DB_PROCESS_NAMES:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (user, nice, system, irq, softirq), from /proc/stat."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / _TICKS
 
 
 @dataclasses.dataclass
@@ -604,9 +508,9 @@ class CpuSnapshot:
         own = os.times()
         return cls(
             at=time.monotonic(),
-            machine=_machine_busy_seconds(),
-            workers=_cpu_seconds([server.pid, *server.workers()]),
-            databases=_cpu_seconds(db_pids),
+            machine=machine_busy_seconds(),
+            workers=cpu_seconds([server.pid, *server.workers()]),
+            databases=cpu_seconds(db_pids),
             bench=own.user + own.system,
         )
 
@@ -632,7 +536,7 @@ class Window:
 
 def _load(pool: Pool, server: Server, seconds: float, plan: Plan, arm: str, rnd: int, rep: int) -> Window:
     """The client processes against `server` for `seconds`."""
-    db_pids = _db_server_pids()
+    db_pids = db_server_pids()
     before = CpuSnapshot.take(server, db_pids)
     start_at = time.monotonic() + 0.2
     end_at = start_at + seconds
@@ -652,16 +556,6 @@ def _load(pool: Pool, server: Server, seconds: float, plan: Plan, arm: str, rnd:
         - counts.client_cpu_s
     )
     return Window(arm, rnd, rep, seconds, counts, workers, max(0.0, other) / (after.at - before.at))
-
-
-def _schema(env: dict[str, str]) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "tests.project.schema"],
-        cwd=REPO,
-        env={**os.environ, **env, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(CODE_DIR)},  # the snapshot's project
-        check=True,
-        timeout=60,
-    )
 
 
 def _rps_round(family: str, rnd: int, envs: dict[str, dict[str, str]], plan: Plan, pool: Pool) -> list[Window]:
@@ -705,7 +599,7 @@ def run_rps_family(family: str, plan: Plan, pool: Pool) -> dict[str, Any]:
         for arm in ARMS:
             databases[arm] = dbserver.create_database(family)
             envs[arm] = _project_env(dbserver.django_url(family, databases[arm]))
-            _schema(envs[arm])
+            schema(envs[arm], CODE_DIR)
         for rnd in range(plan.rps_rounds):
             new = _rps_round(family, rnd, envs, plan, pool)
             windows += new
@@ -713,7 +607,7 @@ def run_rps_family(family: str, plan: Plan, pool: Pool) -> dict[str, Any]:
             print(f"  {family} round {rnd + 1}/{plan.rps_rounds} (req/s): {line}", flush=True)
     finally:
         for name in databases.values():
-            _drop_quietly(family, name)
+            drop_quietly(family, name)
     return summarise_rps(windows)
 
 
@@ -772,67 +666,6 @@ def run_rps_part(plan: Plan) -> dict[str, dict[str, Any]]:
 
 
 # =========================================================================== report
-
-
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _libpq() -> str:
-    try:
-        import psycopg
-
-        v = psycopg.pq.version()
-        return f"{v // 10000}.{v % 10000}"
-    except Exception:
-        return "?"
-
-
-def environment() -> dict[str, str]:
-    from tests.support import dbserver
-
-    info = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cores": str(os.cpu_count()),
-        "usable_cores": str(len(os.sched_getaffinity(0))),
-        "cpu": "?",
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "gunicorn": _version("gunicorn"),
-        "Django": _version("Django"),
-        "mysqlclient": _version("mysqlclient"),
-        "psycopg": f"{_version('psycopg')} (libpq {_libpq()})",
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE", "") or "unset",
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        pass
-    for family in ("mysql", "postgres"):
-        try:
-            info[f"{family}_server"] = str(dbserver.query(family, "SELECT VERSION()")[0][0]).split(" on ")[0]
-        except Exception as exc:
-            info[f"{family}_server"] = f"unreachable ({type(exc).__name__})"
-    return info
-
-
-def _yes(flag: bool) -> str:
-    return "**yes**" if flag else "**NO**"
-
-
-def _verdict(met: bool, interval: tuple[float, float], threshold: float) -> str:
-    """Met or not on the point estimate, and whether the noise lets that be told apart."""
-    lo, hi = interval
-    if lo < threshold < hi:
-        return f"{_yes(met)} (but the 95% CI straddles {threshold:g}: the noise is larger than the margin)"
-    return _yes(met)
 
 
 def _fork_section(plan: Plan, env: dict[str, str], fork: dict[str, Any]) -> list[str]:
@@ -943,7 +776,7 @@ def _rps_section(plan: Plan, rps: dict[str, dict[str, Any]]) -> list[str]:
         out.append(
             f"| {FAMILY_TITLE[family]} | **{result['ratio']:.4f}** | {lo:.3f} to {hi:.3f} "
             f"| {result['pair_ratio_median']:.4f} ({q1:.3f} to {q3:.3f}) | {quiet} | {result['cpu_ratio']:.3f} "
-            f"| {_yes(result['target_met'])} |"
+            f"| {yes(result['target_met'])} |"
         )
     examples = [e for r in rps.values() for arm in ARMS for e in r["arms"][arm]["checked"]["examples"]]
     if examples:
@@ -991,9 +824,9 @@ def render(plan: Plan, env: dict[str, str], fork: dict[str, Any], rps: dict[str,
         "|---|---|---|",
         f"| fork-to-ready: under {FORK_TARGET_MS:g} ms added per worker (difference of the arms' medians) "
         f"| {fork['added_ms']:+.3f} ms (95% CI {lo:+.3f} to {hi:+.3f}) "
-        f"| {_verdict(fork['target_met'], (lo, hi), FORK_TARGET_MS)} |",
+        f"| {verdict(fork['target_met'], (lo, hi), FORK_TARGET_MS)} |",
         f"| the same, timed directly inside serverhooks' hooks and fork guard (median per worker, less the floor) "
-        f"| {fork['direct_added_us'] / 1e3:.3f} ms | {_yes(fork['direct_target_met'])} |",
+        f"| {fork['direct_added_us'] / 1e3:.3f} ms | {yes(fork['direct_target_met'])} |",
     ]
     for family, result in rps.items():
         rlo, rhi = result["ratio_ci"]
@@ -1001,11 +834,11 @@ def render(plan: Plan, env: dict[str, str], fork: dict[str, Any], rps: dict[str,
             f"| requests/s, {FAMILY_TITLE[family]}: with / without at least {RPS_TARGET_RATIO} "
             f"| {result['ratio']:.4f} (95% CI {rlo:.3f} to {rhi:.3f}; quiet pairs only: "
             f"{result['quiet_ratio_median']:.4f}, {result['quiet_pairs']} of {result['all_pairs']}) "
-            f"| {_verdict(result['target_met'], (rlo, rhi), RPS_TARGET_RATIO)} |"
+            f"| {verdict(result['target_met'], (rlo, rhi), RPS_TARGET_RATIO)} |"
         )
     out += [
         f"| every response carries its own marker (both arms) | {wrong} wrong, {errors} errors in {checked} "
-        f"responses | {_yes(wrong == 0 and errors == 0)} |",
+        f"responses | {yes(wrong == 0 and errors == 0)} |",
         "",
     ]
     out += _fork_section(plan, env, fork)
@@ -1031,14 +864,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(OUT_DIR, ignore_errors=True)
     OUT_DIR.mkdir(parents=True)
     started = time.monotonic()
-    env = {**environment(), **snapshot_code()}
+    env = {**environment(), **snapshot_code(CODE_DIR)}
     print(f"{plan.mode} run; server logs in {OUT_DIR}", flush=True)
     print("part 1: fork-to-ready", flush=True)
     fork_records = run_fork_part(plan)
     fork = summarise_fork(fork_records)
     print("part 2: requests per second", flush=True)
     rps = run_rps_part(plan)
-    env["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    env["load_after"] = load_average()
     took = time.monotonic() - started
     raw = {"plan": dataclasses.asdict(plan), "env": env, "fork_records": fork_records, "fork": fork, "rps": rps}
     (OUT_DIR / "raw.json").write_text(json.dumps(raw, indent=1))

@@ -1,0 +1,223 @@
+"""Helpers shared by the benchmarks: statistics, the frozen code snapshot, /proc CPU accounting, the report.
+
+Gunicorn masters started by a bench import the bench's module (for its hooks), and with it
+this one: its top level imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+# Bytecode caches for every process a bench starts, as an installed package would have
+# them (this machine may set PYTHONDONTWRITEBYTECODE): outside the source tree.
+PYCACHE_DIR = BENCH_DIR / "out" / "pycache"
+
+FAMILY_TITLE = {"mysql": "MariaDB", "postgres": "PostgreSQL"}
+
+# =========================================================================== statistics
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (median(values), median(values))
+    q1, _q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def bootstrap(
+    a: Sequence[float], b: Sequence[float], stat: Callable[[float, float], float], n: int = 2000, seed: int = 12345
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of stat(median(a), median(b)), resampling each arm."""
+    if not a or not b:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    values = sorted(stat(median(rng.choices(a, k=len(a))), median(rng.choices(b, k=len(b)))) for _ in range(n))
+    return values[int(0.025 * (n - 1))], values[int(0.975 * (n - 1))]
+
+
+# =========================================================================== the code under test
+
+
+def bytecode_env() -> dict[str, str]:
+    return {"PYTHONPYCACHEPREFIX": str(PYCACHE_DIR), "PYTHONDONTWRITEBYTECODE": ""}
+
+
+def git(*args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True, timeout=60).stdout
+
+
+def snapshot_code(code_dir: Path, committed: Sequence[str] = ("serverhooks", "tests")) -> dict[str, str]:
+    """Copy the code under test into `code_dir` and precompile it; say what was taken.
+
+    `committed` (paths in the repository) are taken as committed at HEAD; the bench's own
+    modules (bench/*.py) as they are in the checkout."""
+    import io
+    import tarfile
+
+    shutil.rmtree(code_dir, ignore_errors=True)
+    code_dir.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(git("archive", "--format=tar", "HEAD", *committed))) as tar:
+        tar.extractall(code_dir, filter="data")
+    (code_dir / "bench").mkdir()
+    for source in sorted(BENCH_DIR.glob("*.py")):
+        shutil.copy2(source, code_dir / "bench" / source.name)
+    # serverhooks imports some modules lazily in each worker: give them bytecode, as pip install would.
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(code_dir)],
+        env={**os.environ, **bytecode_env()},
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+    )
+    version = re.search(r'__version__ = "([^"]+)"', (code_dir / "serverhooks" / "__init__.py").read_text())
+    uncommitted = git("status", "--porcelain", "--", *committed).decode().split("\n")
+    return {
+        "serverhooks": version.group(1) if version else "?",
+        "commit": git("rev-parse", "--short", "HEAD").decode().strip(),
+        "uncommitted": str(len([line for line in uncommitted if line.strip()])),
+    }
+
+
+def schema(env: dict[str, str], code_dir: Path) -> None:
+    """Create the test project's table in env's DATABASE_URL, with the snapshot's project."""
+    subprocess.run(
+        [sys.executable, "-m", "tests.project.schema"],
+        cwd=REPO,
+        env={**os.environ, **env, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(code_dir)},
+        check=True,
+        timeout=60,
+    )
+
+
+def drop_quietly(family: str, name: str) -> None:
+    from tests.support import dbserver
+
+    try:
+        dbserver.drop_database(family, name)
+    except Exception as exc:
+        print(f"  could not drop {family} database {name}: {exc}", file=sys.stderr)
+
+
+# =========================================================================== CPU accounting from /proc
+
+TICKS = os.sysconf("SC_CLK_TCK")
+DB_PROCESS_NAMES = {"mariadbd", "mysqld", "postgres"}
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of `pids`, from /proc."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def db_server_pids() -> list[int]:
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() in DB_PROCESS_NAMES:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (user, nice, system, irq, softirq), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / TICKS
+
+
+# =========================================================================== report
+
+
+def version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def libpq() -> str:
+    try:
+        import psycopg
+
+        v = psycopg.pq.version()
+        return f"{v // 10000}.{v % 10000}"
+    except Exception:
+        return "?"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def environment(extra_dists: Sequence[str] = ()) -> dict[str, str]:
+    from tests.support import dbserver
+
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": str(os.cpu_count()),
+        "usable_cores": str(len(os.sched_getaffinity(0))),
+        "cpu": "?",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "gunicorn": version("gunicorn"),
+        "Django": version("Django"),
+        "mysqlclient": version("mysqlclient"),
+        "psycopg": f"{version('psycopg')} (libpq {libpq()})",
+        "load_before": load_average(),
+        "dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE", "") or "unset",
+    }
+    for dist in extra_dists:
+        info[dist] = version(dist)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    for family in ("mysql", "postgres"):
+        try:
+            info[f"{family}_server"] = str(dbserver.query(family, "SELECT VERSION()")[0][0]).split(" on ")[0]
+        except Exception as exc:
+            info[f"{family}_server"] = f"unreachable ({type(exc).__name__})"
+    return info
+
+
+def yes(flag: bool) -> str:
+    return "**yes**" if flag else "**NO**"
+
+
+def verdict(met: bool, interval: tuple[float, float], threshold: float) -> str:
+    """Met or not on the point estimate, and whether the noise lets that be told apart."""
+    lo, hi = interval
+    if lo < threshold < hi:
+        return f"{yes(met)} (but the 95% CI straddles {threshold:g}: the noise is larger than the margin)"
+    return yes(met)

@@ -1,0 +1,1002 @@
+"""Gunicorn gevent workers with and without serverhooks' connection pool, against its peers.
+
+    python -m bench.gevent_bench            # full run, about 7 minutes (waits first for a quiet machine)
+    python -m bench.gevent_bench --quick    # smoke run, under a minute
+
+The issue's scenario: `-k gevent -w 2`, CONN_MAX_AGE=600, every request on a fresh client
+connection (HTTP/1.0, Connection: close), one SELECT per request (GET /count?m=<marker>).
+Arms, alternated in rounds (the order rotates every round), each on a fresh database of its own:
+
+    MariaDB (PyMySQL)   no hooks | serverhooks | serverhooks with mysqlclient | sync-worker ceiling
+    PostgreSQL          no hooks | serverhooks | django-db-geventpool | Django's psycopg pool | sync ceiling
+
+"no hooks" is the shipped gunicorn.conf.py without its `from serverhooks.gunicorn import *`;
+"serverhooks" is the shipped file as it is (pool on, POOL_SIZE at its default). Every window
+starts a fresh master, warms it up, measures, and stops it; sessions opened are counted on the
+database server over the master's whole life, the peak of concurrent sessions by sampling.
+
+Results go to bench/GEVENT_RESULTS.md; logs and raw data to bench/out/gevent/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from bench.common import (
+    BENCH_DIR,
+    DB_PROCESS_NAMES,
+    FAMILY_TITLE,
+    REPO,
+    TICKS,
+    bootstrap,
+    bytecode_env,
+    cpu_seconds,
+    drop_quietly,
+    environment,
+    load_average,
+    machine_busy_seconds,
+    median,
+    quartiles,
+    schema,
+    snapshot_code,
+    verdict,
+    yes,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.pool import Pool
+
+    from tests.support.procs import Server
+
+OUT_DIR = BENCH_DIR / "out" / "gevent"
+RESULTS_PATH = BENCH_DIR / "GEVENT_RESULTS.md"
+# serverhooks/, tests/ and gunicorn.conf.py as committed at HEAD, and the bench, copied at the start.
+CODE_DIR = OUT_DIR / "code"
+COMMITTED = ("serverhooks", "tests", "gunicorn.conf.py")
+
+WORKERS = 2
+CONN_MAX_AGE = 600
+ENDPOINT = "/count"  # one SELECT COUNT(*) ... WHERE marker = %s; nothing ever inserts, so the answer is 0
+EXPECTED = {"count": 0}
+HOOKS_IMPORT = re.compile(r"^from serverhooks\.gunicorn import \*.*\n", re.MULTILINE)
+
+# Targets (ratios; the session bound is computed from the resolved POOL_SIZE).
+MYSQL_RPS_RATIO = 1.5  # serverhooks / no hooks, MariaDB
+MYSQL_SESSIONS_FRACTION = 1 / 50  # serverhooks' sessions opened / no hooks'
+PEER_RPS_RATIO = 0.95  # serverhooks / best peer, PostgreSQL
+SYNC_RPS_RATIO = 0.9  # serverhooks / sync-worker ceiling (an aim, reported)
+
+LOAD_QUIET = 0.6  # the full run waits until the 1-minute load average is below this
+LOAD_WAIT_S = 15 * 60
+LOAD_POLL_S = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    key: str
+    family: str
+    title: str
+    worker_class: str  # gevent or sync
+    hooks: bool  # the shipped gunicorn.conf.py, or the same file without serverhooks
+    driver: str = ""  # "" (mysqlclient, psycopg 3) or "pymysql"
+    peer: str = ""  # BENCH_PEER for bench/settings_peers.py
+    url_query: str = ""
+
+    @property
+    def pooled_by_serverhooks(self) -> bool:
+        return self.hooks and self.worker_class == "gevent"
+
+
+NOHOOKS, SERVERHOOKS, MYSQLCLIENT, SYNC, GEVENTPOOL, DJANGOPOOL = (
+    "nohooks",
+    "serverhooks",
+    "serverhooks_mysqlclient",
+    "sync",
+    "geventpool",
+    "djangopool",
+)
+ARMS: dict[str, tuple[Arm, ...]] = {
+    "mysql": (
+        Arm(NOHOOKS, "mysql", "no hooks (gevent, PyMySQL)", "gevent", False, "pymysql"),
+        Arm(SERVERHOOKS, "mysql", "serverhooks (gevent, PyMySQL)", "gevent", True, "pymysql"),
+        Arm(MYSQLCLIENT, "mysql", "serverhooks (gevent, mysqlclient)", "gevent", True),
+        Arm(SYNC, "mysql", "sync-worker ceiling (sync, PyMySQL, no hooks)", "sync", False, "pymysql"),
+    ),
+    "postgres": (
+        Arm(NOHOOKS, "postgres", "no hooks (gevent, psycopg 3)", "gevent", False),
+        Arm(SERVERHOOKS, "postgres", "serverhooks (gevent, psycopg 3)", "gevent", True),
+        Arm(GEVENTPOOL, "postgres", "django-db-geventpool (gevent, psycopg 3)", "gevent", False, peer="geventpool"),
+        Arm(
+            DJANGOPOOL,
+            "postgres",
+            "Django's psycopg pool (gevent, psycopg 3)",
+            "gevent",
+            False,
+            peer="djangopool",
+            url_query="pool=1",
+        ),
+        Arm(SYNC, "postgres", "sync-worker ceiling (sync, psycopg 3, no hooks)", "sync", False),
+    ),
+}
+PEERS = (GEVENTPOOL, DJANGOPOOL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mode: str
+    rounds: int  # windows per arm
+    warmup_seconds: float
+    window_seconds: float
+    client_procs: int
+    client_threads: int  # per client process
+    sample_interval: float  # SessionSampler
+    gap_seconds: float  # between windows: the database settles; MariaDB's foreign connections are counted
+
+    @property
+    def concurrency(self) -> int:
+        return self.client_procs * self.client_threads
+
+
+QUICK = Plan("quick", 1, 0.5, 1.5, 4, 5, 0.05, 0.2)
+FULL = Plan("full", 5, 1.0, 4.0, 4, 5, 0.05, 0.5)
+
+# =========================================================================== load (client processes)
+
+
+@dataclasses.dataclass
+class LoadCounts:
+    requests: int = 0  # answered (any status), in or after the window
+    in_window: int = 0  # answered right and completed by the window's end
+    ok: int = 0
+    wrong: int = 0
+    http_errors: int = 0
+    failures: int = 0  # no answer: refused, reset, timeout
+    client_cpu_s: float = 0.0
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, other: LoadCounts) -> None:
+        for name in ("requests", "in_window", "ok", "wrong", "http_errors", "failures", "client_cpu_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.examples = (self.examples + other.examples)[:5]
+
+    def note(self, problem: str) -> None:
+        if len(self.examples) < 5:
+            self.examples.append(problem)
+
+    @property
+    def errors(self) -> int:
+        return self.wrong + self.http_errors + self.failures
+
+
+def http_get(path: str, target: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One GET on a fresh unix-socket connection, closed by the server after the response.
+
+    HTTP/1.0 with Connection: close, so the body comes whole and the connection ends."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        chunks: list[bytes] = []
+        for _ in range(1000):  # a response is a few hundred bytes
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        else:
+            raise RuntimeError("response longer than expected")
+    finally:
+        sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _client_thread(path: str, prefix: str, start_at: float, end_at: float, limit: int, out: LoadCounts) -> None:
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    for i in range(limit):
+        if time.monotonic() >= end_at:
+            break
+        try:
+            status, body = http_get(path, f"{ENDPOINT}?m={prefix}x{i}")
+        except Exception as exc:
+            out.failures += 1
+            out.note(f"{type(exc).__name__}: {exc}")
+            continue
+        done = time.monotonic()
+        out.requests += 1
+        if status != 200:
+            out.http_errors += 1
+            out.note(f"HTTP {status}: {body[:80]!r}")
+            continue
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if answer != EXPECTED:
+            out.wrong += 1
+            out.note(f"unexpected answer {body[:80]!r}")
+        else:
+            out.ok += 1
+            out.in_window += done <= end_at
+
+
+def _client_process(args: tuple[str, int, float, float, int]) -> LoadCounts:
+    """One client process: `threads` threads, each a request at a time, from start_at to end_at."""
+    path, threads, start_at, end_at, limit = args
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = usage.ru_utime + usage.ru_stime
+    per_thread = [LoadCounts() for _ in range(threads)]
+    prefix = uuid.uuid4().hex[:16]
+    clients = [
+        threading.Thread(target=_client_thread, args=(path, f"{prefix}t{n}", start_at, end_at, limit, per_thread[n]))
+        for n in range(threads)
+    ]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(max(0.0, end_at - time.monotonic()) + 30.0)
+    total = LoadCounts()
+    for counts in per_thread:
+        total.add(counts)
+    if any(t.is_alive() for t in clients):
+        total.failures += 1
+        total.note("a client thread did not finish")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total.client_cpu_s = usage.ru_utime + usage.ru_stime - cpu_before
+    return total
+
+
+# =========================================================================== CPU: where time goes
+
+
+def _db_cpu() -> dict[int, tuple[float, float]]:
+    """{pid: (own CPU s, CPU s of its reaped children)} of every MariaDB / PostgreSQL process.
+
+    PostgreSQL runs a process per session; sessions that start and end within a window are
+    only seen through the postmaster's reaped-children times."""
+    found: dict[int, tuple[float, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() not in DB_PROCESS_NAMES:
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        own = (int(fields[11]) + int(fields[12])) / TICKS
+        children = (int(fields[13]) + int(fields[14])) / TICKS
+        found[int(entry)] = (own, children)
+    return found
+
+
+def _db_cpu_delta(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> float:
+    own = sum(v[0] for v in after.values()) - sum(v[0] for v in before.values())
+    reaped = sum(after[pid][1] - before[pid][1] for pid in before.keys() & after.keys())
+    return own + reaped
+
+
+@dataclasses.dataclass
+class CpuSnapshot:
+    at: float
+    machine: float
+    workers: float
+    databases: dict[int, tuple[float, float]]
+    bench: float
+
+    @classmethod
+    def take(cls, server: Server) -> CpuSnapshot:
+        own = os.times()
+        return cls(
+            at=time.monotonic(),
+            machine=machine_busy_seconds(),
+            workers=cpu_seconds([server.pid, *server.workers()]),
+            databases=_db_cpu(),
+            bench=own.user + own.system,
+        )
+
+
+@dataclasses.dataclass
+class Load:
+    seconds: float
+    counts: LoadCounts
+    worker_cpu_s: float
+    db_cpu_s: float
+    other_cores: float  # CPU used by anything but the bench, its server, its clients and the database servers
+
+    @property
+    def rps(self) -> float:
+        return self.counts.in_window / self.seconds
+
+
+def run_load(pool: Pool, server: Server, seconds: float, plan: Plan) -> Load:
+    before = CpuSnapshot.take(server)
+    start_at = time.monotonic() + 0.1
+    end_at = start_at + seconds
+    limit = int(seconds * 5000) + 100  # far above what 2 workers answer
+    args = [(server.socket_path, plan.client_threads, start_at, end_at, limit)] * plan.client_procs
+    parts = pool.map_async(_client_process, args, chunksize=1).get(timeout=seconds + 90.0)
+    after = CpuSnapshot.take(server)
+    counts = LoadCounts()
+    for part in parts:
+        counts.add(part)
+    workers = after.workers - before.workers
+    db = _db_cpu_delta(before.databases, after.databases)
+    other = (after.machine - before.machine) - workers - db - (after.bench - before.bench) - counts.client_cpu_s
+    return Load(seconds, counts, workers, db, max(0.0, other) / (after.at - before.at))
+
+
+# =========================================================================== counting on the database server
+
+
+class ServerCounters:
+    """Cumulative counters read on one admin session that stays open for the whole run.
+
+    MariaDB: global status (Connections counts every attempt, refused ones too; the run's other
+    connections, the session sampler's, are subtracted by the caller). PostgreSQL: pg_stat_database
+    of the arm's own database, so nothing else is counted."""
+
+    def __init__(self, family: str) -> None:
+        from tests.support import dbserver
+
+        self.family = family
+        self._cm = dbserver.admin(family)
+        self.conn: Any = self._cm.__enter__()
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        cur = self.conn.cursor()
+        cur.execute(sql, params)
+        return list(cur.fetchall())
+
+    def read(self, database: str) -> dict[str, int]:
+        if self.family == "mysql":
+            rows = self._rows(
+                "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                "('Connections', 'Connection_errors_max_connections', 'Com_select')"
+            )
+            return {str(name): int(value) for name, value in rows}
+        ((sessions, xacts),) = self._rows(
+            "SELECT sessions, xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", (database,)
+        )
+        return {"sessions": int(sessions or 0), "transactions": int(xacts or 0)}
+
+    def open_sessions(self, database: str) -> int:
+        if self.family == "mysql":
+            sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = %s"
+        else:
+            sql = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s"
+        return int(self._rows(sql, (database,))[0][0])
+
+    def settle(self, database: str, timeout: float = 20.0) -> tuple[int, dict[str, int]]:
+        """Wait (bounded) until the database has no session left and its counters stop moving."""
+        deadline = time.monotonic() + timeout
+        left = self.open_sessions(database)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = self.open_sessions(database)
+        counters = self.read(database)
+        if self.family == "postgres":  # an exiting backend may leave pg_stat_activity before it reports
+            for _ in range(20):
+                time.sleep(0.15)
+                again = self.read(database)
+                if again == counters:
+                    break
+                counters = again
+        return left, counters
+
+
+# =========================================================================== one window
+
+
+@dataclasses.dataclass
+class Window:
+    arm: str
+    family: str
+    rnd: int
+    position: int  # in the round's order
+    load: Load
+    warmup: LoadCounts
+    sessions_opened: int  # over the master's life: warm-up, window and the stats requests
+    sessions_refused: int  # MariaDB: the app's attempts refused at max_connections (-1: not known)
+    selects: int  # MariaDB: Com_select; PostgreSQL: transactions (-1: not known)
+    peak_sessions: int
+    sampler_samples: int
+    sampler_refused: int
+    left_open_after_stop: int
+    foreign_connections: int  # MariaDB: connections by others during the gap before the window
+    requests_total: int  # every request the master answered (warm-up, window, stats)
+    pool: dict[str, float]  # serverhooks.stats() summed over the workers (serverhooks arms)
+    pool_opened_per_worker: list[int]
+
+
+def _conf_source(hooks: bool) -> str:
+    """The shipped gunicorn.conf.py from the snapshot, importing from the snapshot; without serverhooks' line."""
+    text = (CODE_DIR / "gunicorn.conf.py").read_text()
+    if len(HOOKS_IMPORT.findall(text)) != 1:
+        raise RuntimeError("gunicorn.conf.py: expected exactly one `from serverhooks.gunicorn import *` line")
+    if not hooks:
+        text = HOOKS_IMPORT.sub("", text)
+    return f"import sys\nsys.path.insert(0, {str(CODE_DIR)!r})\n" + text
+
+
+def arm_env(arm: Arm, database: str, pool_size: int) -> dict[str, str]:
+    from tests.support import dbserver
+
+    env = {
+        "DATABASE_URL": dbserver.django_url(arm.family, database, arm.driver, arm.url_query),
+        "DJANGO_SETTINGS_MODULE": "bench.settings_peers" if arm.peer else "tests.project.settings",
+        "CONN_MAX_AGE": str(CONN_MAX_AGE),
+        "GUNICORN_WORKER_CLASS": arm.worker_class,
+        "GUNICORN_PRELOAD": "0",
+        "GUNICORN_LOGLEVEL": "info",
+        **bytecode_env(),
+    }
+    if arm.peer:
+        env.update(BENCH_PEER=arm.peer, BENCH_PEER_POOL_SIZE=str(pool_size))
+    return env
+
+
+def _worker_stats(server: Server) -> tuple[dict[int, dict[str, Any]], int]:
+    """serverhooks.stats() of every worker, asking /whoami until each answered (bounded); and requests sent."""
+    found: dict[int, dict[str, Any]] = {}
+    sent = 0
+    for _ in range(60):
+        sent += 1
+        try:
+            status, body = http_get(server.socket_path, "/whoami")
+        except OSError:
+            continue
+        if status == 200:
+            data = json.loads(body)
+            found[int(data["pid"])] = data["serverhooks"]
+        if len(found) >= WORKERS:
+            break
+    return found, sent
+
+
+POOL_KEYS = ("pool_opened", "pool_reused", "pool_waits", "pool_wait_seconds", "pool_discarded", "pool_reclaimed")
+
+
+def run_window(
+    arm: Arm, rnd: int, position: int, database: str, counters: ServerCounters, plan: Plan, pool: Pool, pool_size: int
+) -> Window:
+    from tests.support import dbserver, procs
+
+    tmp = OUT_DIR / f"{arm.family}-{arm.key}-r{rnd}"
+    # The gap: nothing of ours touches the server; MariaDB's global counter tells whether anyone else did.
+    gap_before = counters.read(database)
+    time.sleep(plan.gap_seconds)
+    before = counters.read(database)
+    foreign = before.get("Connections", 0) - gap_before.get("Connections", 0)
+    server: Server | None = None
+    try:
+        with dbserver.SessionSampler(arm.family, database, interval=plan.sample_interval) as sampler:
+            server = procs.start_gunicorn(
+                tmp, arm_env(arm, database, pool_size), settings={"_source": _conf_source(arm.hooks)}, workers=WORKERS
+            )
+            server.wait_ready(60.0)
+            warm = run_load(pool, server, plan.warmup_seconds, plan)
+            load = run_load(pool, server, plan.window_seconds, plan)
+        stats: dict[int, dict[str, Any]] = {}
+        stats_requests = 0
+        if arm.pooled_by_serverhooks:
+            stats, stats_requests = _worker_stats(server)
+        server.stop()
+    except BaseException:
+        if server is not None:
+            server.stop()
+            print(f"--- {arm.family}/{arm.key} round {rnd}: server log ---\n{server.log()[-5000:]}", file=sys.stderr)
+        raise
+    left, after = counters.settle(database)
+    attempts = sampler.samples + len(sampler.refused)
+    sampler_refused_max = sum(1 for r in sampler.refused if "Too many connections" in r or "1040" in r)
+    if arm.family == "mysql":
+        app_attempts = after["Connections"] - before["Connections"] - attempts
+        refused = after["Connection_errors_max_connections"] - before["Connection_errors_max_connections"]
+        refused -= sampler_refused_max
+        opened = app_attempts - refused
+        selects = after["Com_select"] - before["Com_select"] - sampler.samples
+    else:
+        refused = -1
+        opened = after["sessions"] - before["sessions"]
+        selects = after["transactions"] - before["transactions"]
+    requests_total = warm.counts.requests + load.counts.requests + stats_requests
+    pool_sum = {key: float(sum(s.get(key, 0) for s in stats.values())) for key in POOL_KEYS}
+    return Window(
+        arm=arm.key,
+        family=arm.family,
+        rnd=rnd,
+        position=position,
+        load=load,
+        warmup=warm.counts,
+        sessions_opened=opened,
+        sessions_refused=refused,
+        selects=selects,
+        peak_sessions=sampler.peak,
+        sampler_samples=sampler.samples,
+        sampler_refused=len(sampler.refused),
+        left_open_after_stop=left,
+        foreign_connections=foreign,
+        requests_total=requests_total,
+        pool=pool_sum,
+        pool_opened_per_worker=sorted(int(s.get("pool_opened", 0)) for s in stats.values()),
+    )
+
+
+# =========================================================================== the run
+
+
+def resolved_pool_size(database: str) -> int:
+    """POOL_SIZE as the serverhooks arm's workers resolve it (env > settings.SERVERHOOKS > default)."""
+    env = arm_env(ARMS["postgres"][1], database, 0)
+    code = "import django; django.setup(); from serverhooks import conf; print(conf.get('POOL_SIZE'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, **env, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(CODE_DIR)},
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return int(out.stdout.decode().strip().splitlines()[-1])
+
+
+def _rotated(arms: Sequence[Arm], rnd: int) -> list[Arm]:
+    shift = rnd % len(arms)
+    return [*arms[shift:], *arms[:shift]]
+
+
+def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
+    import multiprocessing
+
+    from tests.support import dbserver
+
+    databases: dict[tuple[str, str], str] = {}
+    counters: dict[str, ServerCounters] = {}
+    windows: list[Window] = []
+    try:
+        for family in families:
+            for arm in ARMS[family]:
+                databases[(family, arm.key)] = dbserver.create_database(family)
+        pool_size = resolved_pool_size(databases[("postgres", SERVERHOOKS)])
+        for family in families:
+            for arm in ARMS[family]:
+                schema(arm_env(arm, databases[(family, arm.key)], pool_size), CODE_DIR)
+        for family in families:
+            counters[family] = ServerCounters(family)
+        # The client processes are forked once, before any server or sampler thread starts.
+        with multiprocessing.get_context("fork").Pool(plan.client_procs) as pool:
+            for rnd in range(plan.rounds):
+                for family in families:
+                    line = []
+                    for position, arm in enumerate(_rotated(ARMS[family], rnd)):
+                        w = run_window(
+                            arm, rnd, position, databases[(family, arm.key)], counters[family], plan, pool, pool_size
+                        )
+                        windows.append(w)
+                        line.append(
+                            f"{arm.key}={w.load.rps:.0f}/s ({w.sessions_opened} opened, peak {w.peak_sessions}"
+                            + (f", {w.load.counts.errors} errors" if w.load.counts.errors else "")
+                            + ")"
+                        )
+                    print(f"  round {rnd + 1}/{plan.rounds} {family}: " + ", ".join(line), flush=True)
+    finally:
+        for c in counters.values():
+            try:
+                c.close()
+            except Exception:
+                pass
+        for (family, _arm), name in databases.items():
+            drop_quietly(family, name)
+    return windows, pool_size
+
+
+# =========================================================================== summary
+
+
+def summarise(windows: list[Window], families: Sequence[str], pool_size: int, plan: Plan) -> dict[str, Any]:
+    bound = WORKERS * pool_size
+    out: dict[str, Any] = {"bound": bound, "pool_size": pool_size, "families": {}}
+    for family in families:
+        arms: dict[str, Any] = {}
+        for arm in ARMS[family]:
+            mine = [w for w in windows if w.family == family and w.arm == arm.key]
+            rates = [w.load.rps for w in mine]
+            checked = LoadCounts()
+            for w in mine:
+                checked.add(w.warmup)
+                checked.add(w.load.counts)
+            requests = sum(w.load.counts.requests for w in mine)
+            q1, q3 = quartiles(rates)
+            arms[arm.key] = {
+                "title": arm.title,
+                "rates": rates,
+                "median_rps": median(rates),
+                "q1_rps": q1,
+                "q3_rps": q3,
+                "sessions_opened": [w.sessions_opened for w in mine],
+                "sessions_opened_total": sum(w.sessions_opened for w in mine),
+                "sessions_refused_total": sum(w.sessions_refused for w in mine) if family == "mysql" else None,
+                "requests_total": sum(w.requests_total for w in mine),
+                "sessions_per_1000": 1000
+                * sum(w.sessions_opened for w in mine)
+                / max(1, sum(w.requests_total for w in mine)),
+                "selects_per_request": sum(w.selects for w in mine) / max(1, sum(w.requests_total for w in mine)),
+                "peaks": [w.peak_sessions for w in mine],
+                "peak_max": max((w.peak_sessions for w in mine), default=0),
+                "sampler_refused": sum(w.sampler_refused for w in mine),
+                "sampler_samples": sum(w.sampler_samples for w in mine),
+                "left_open": max((w.left_open_after_stop for w in mine), default=0),
+                "foreign_connections": sum(w.foreign_connections for w in mine),
+                "worker_cpu_us": median([w.load.worker_cpu_s / max(1, w.load.counts.requests) * 1e6 for w in mine]),
+                "db_cpu_us": median([w.load.db_cpu_s / max(1, w.load.counts.requests) * 1e6 for w in mine]),
+                "client_cpu_us": median(
+                    [w.load.counts.client_cpu_s / max(1, w.load.counts.requests) * 1e6 for w in mine]
+                ),
+                "other_cores_median": median([w.load.other_cores for w in mine]),
+                "other_cores_max": max((w.load.other_cores for w in mine), default=float("nan")),
+                "window_requests": requests,
+                "checked": dataclasses.asdict(checked),
+                "pool": {key: sum(w.pool[key] for w in mine) for key in POOL_KEYS},
+                "pool_opened_per_worker_max": max((max(w.pool_opened_per_worker, default=0) for w in mine), default=0),
+            }
+
+        def ratio(a: str, b: str, arms: dict[str, Any] = arms) -> dict[str, Any]:
+            """a / b of the median req/s, with the bootstrap interval."""
+            return {
+                "ratio": arms[a]["median_rps"] / arms[b]["median_rps"] if arms[b]["median_rps"] else float("nan"),
+                "ci": bootstrap(arms[b]["rates"], arms[a]["rates"], lambda x, y: y / x if x else float("nan")),
+            }
+
+        result: dict[str, Any] = {"arms": arms, "vs_sync": ratio(SERVERHOOKS, SYNC)}
+        if family == "mysql":
+            result["vs_nohooks"] = ratio(SERVERHOOKS, NOHOOKS)
+            result["mysqlclient_vs_nohooks"] = ratio(MYSQLCLIENT, NOHOOKS)
+            sh, nh = arms[SERVERHOOKS]["sessions_opened_total"], arms[NOHOOKS]["sessions_opened_total"]
+            result["sessions_fraction"] = sh / nh if nh > 0 else float("inf")
+        else:
+            best = max(PEERS, key=lambda key: arms[key]["median_rps"])
+            result["best_peer"] = best
+            result["vs_best_peer"] = ratio(SERVERHOOKS, best)
+            result["vs_peers"] = {key: ratio(SERVERHOOKS, key) for key in PEERS}
+            result["vs_nohooks"] = ratio(SERVERHOOKS, NOHOOKS)
+        out["families"][family] = result
+    sh_peaks = [
+        (family, key, arms_["peak_max"])
+        for family, res in out["families"].items()
+        for key, arms_ in res["arms"].items()
+        if key in (SERVERHOOKS, MYSQLCLIENT)
+    ]
+    out["serverhooks_peak"] = max((p for _f, _k, p in sh_peaks), default=0)
+    out["serverhooks_peaks"] = sh_peaks
+    return out
+
+
+# =========================================================================== report
+
+
+def _arm_rows(family: str, result: dict[str, Any]) -> list[str]:
+    rows = []
+    for arm in ARMS[family]:
+        s = result["arms"][arm.key]
+        c = s["checked"]
+        refused = "" if s["sessions_refused_total"] is None else f" ({s['sessions_refused_total']} refused)"
+        rows.append(
+            f"| {s['title']} | **{s['median_rps']:.0f}** | {s['q1_rps']:.0f} to {s['q3_rps']:.0f} "
+            f"| {' '.join(f'{x:.0f}' for x in s['rates'])} "
+            f"| {s['sessions_opened_total']}{refused} | {' '.join(str(x) for x in s['sessions_opened'])} "
+            f"| {s['sessions_per_1000']:.1f} | {s['peak_max']}"
+            + (
+                f" ({s['sampler_refused']} of {s['sampler_samples'] + s['sampler_refused']} samples refused)"
+                if s["sampler_refused"]
+                else ""
+            )
+            + f" | {s['selects_per_request']:.2f} | {s['worker_cpu_us']:.0f} | {s['db_cpu_us']:.0f} "
+            f"| {s['client_cpu_us']:.0f} | {s['other_cores_median']:.2f} / {s['other_cores_max']:.2f} "
+            f"| {c['requests'] + c['failures']} | {c['http_errors']} | {c['failures']} | {c['wrong']} |"
+        )
+    return rows
+
+
+def _ratio_text(r: dict[str, Any]) -> str:
+    lo, hi = r["ci"]
+    return f"{r['ratio']:.3f} (95% CI {lo:.3f} to {hi:.3f})"
+
+
+def render(plan: Plan, env: dict[str, str], summary: dict[str, Any], took: float) -> str:
+    fams = summary["families"]
+    bound = summary["bound"]
+    out = [
+        "# Gunicorn gevent benchmark: serverhooks' pool against no hooks, its peers and sync workers",
+        "",
+        f"Written by `python -m bench.gevent_bench{' --quick' if plan.mode == 'quick' else ''}` ({plan.mode} run, "
+        f"{took:.0f} s); bench/README.md says what each figure means. Regenerate rather than edit.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| date | {env['date']} |",
+        f"| machine | {env['cores']} cores ({env['usable_cores']} usable), {env['cpu']}, {env['os']}; shared with "
+        f"other work (load average before: {env['load_before']}; after: {env['load_after']}; {env['load_wait']}) |",
+        f"| Python | {env['python']} |",
+        f"| serverhooks | {env['serverhooks']}, serverhooks/, tests/ and gunicorn.conf.py as committed in "
+        f"{env['commit']} (copied to bench/out/gevent/code at the start"
+        + (f"; {env['uncommitted']} uncommitted change(s) there were left out" if env["uncommitted"] != "0" else "")
+        + ") |",
+        f"| gunicorn, gevent | {env['gunicorn']}, {env['gevent']} (greenlet {env['greenlet']}) |",
+        f"| Django | {env['Django']} |",
+        f"| drivers | PyMySQL {env['PyMySQL']}, mysqlclient {env['mysqlclient']}, psycopg {env['psycopg']} |",
+        f"| peers | django-db-geventpool {env['django-db-geventpool']}, psycopg-pool {env['psycopg-pool']} |",
+        f"| database servers | MariaDB {env['mysql_server']} (max_connections {env['mysql_max_connections']}), "
+        f"PostgreSQL {env['postgres_server']} (max_connections {env['postgres_max_connections']}), on 127.0.0.1 |",
+        "",
+        "## Summary",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    if "mysql" in fams:
+        m = fams["mysql"]
+        sh, nh = m["arms"][SERVERHOOKS], m["arms"][NOHOOKS]
+        out.append(
+            f"| MariaDB: serverhooks at least {MYSQL_RPS_RATIO:g}x the no-hooks requests/s "
+            f"| {_ratio_text(m['vs_nohooks'])}: {sh['median_rps']:.0f} vs {nh['median_rps']:.0f} req/s "
+            f"| {verdict(m['vs_nohooks']['ratio'] >= MYSQL_RPS_RATIO, m['vs_nohooks']['ci'], MYSQL_RPS_RATIO)} |"
+        )
+        out.append(
+            f"| MariaDB: serverhooks opens at most 1/{1 / MYSQL_SESSIONS_FRACTION:.0f} of the no-hooks sessions "
+            f"| {sh['sessions_opened_total']} vs {nh['sessions_opened_total']} sessions in "
+            f"{plan.rounds} window(s) each (1/{1 / m['sessions_fraction']:.0f}) "
+            f"| {yes(m['sessions_fraction'] <= MYSQL_SESSIONS_FRACTION)} |"
+            if m["sessions_fraction"] > 0
+            else f"| MariaDB: serverhooks opens at most 1/{1 / MYSQL_SESSIONS_FRACTION:.0f} of the no-hooks sessions "
+            f"| {sh['sessions_opened_total']} vs {nh['sessions_opened_total']} | {yes(True)} |"
+        )
+    if "postgres" in fams:
+        p = fams["postgres"]
+        best = p["best_peer"]
+        out.append(
+            f"| PostgreSQL: serverhooks at least {PEER_RPS_RATIO:g}x the best peer's requests/s "
+            f"({p['arms'][best]['title']}) | {_ratio_text(p['vs_best_peer'])}: "
+            f"{p['arms'][SERVERHOOKS]['median_rps']:.0f} vs {p['arms'][best]['median_rps']:.0f} req/s "
+            f"| {verdict(p['vs_best_peer']['ratio'] >= PEER_RPS_RATIO, p['vs_best_peer']['ci'], PEER_RPS_RATIO)} |"
+        )
+    peaks = ", ".join(f"{FAMILY_TITLE[f]} {k}: {p}" for f, k, p in summary["serverhooks_peaks"])
+    out.append(
+        f"| peak concurrent sessions with serverhooks never above workers x POOL_SIZE = {WORKERS} x "
+        f"{summary['pool_size']} = {bound} | max {summary['serverhooks_peak']} ({peaks}) "
+        f"| {yes(summary['serverhooks_peak'] <= bound)} |"
+    )
+    for family, res in fams.items():
+        r = res["vs_sync"]
+        out.append(
+            f"| {FAMILY_TITLE[family]}: serverhooks / sync-worker ceiling (aim: at least {SYNC_RPS_RATIO:g}) "
+            f"| {_ratio_text(r)} | {verdict(r['ratio'] >= SYNC_RPS_RATIO, r['ci'], SYNC_RPS_RATIO)} |"
+        )
+    errors_sh = sum(
+        res["arms"][k]["checked"]["http_errors"]
+        + res["arms"][k]["checked"]["failures"]
+        + res["arms"][k]["checked"]["wrong"]
+        for res in fams.values()
+        for k in res["arms"]
+        if k != NOHOOKS
+    )
+    answered = sum(res["arms"][k]["checked"]["requests"] for res in fams.values() for k in res["arms"] if k != NOHOOKS)
+    out += [
+        f"| every answer right, every arm but no hooks (warm-up included) | {errors_sh} errors or wrong answers in "
+        f"{answered} requests | {yes(errors_sh == 0)} |",
+        "",
+        "## Setup",
+        "",
+        f"Gunicorn `-w {WORKERS}`, no preload, CONN_MAX_AGE={CONN_MAX_AGE} (the peers: 0, as they require), "
+        f"`max_requests` 0. Every request is GET {ENDPOINT}?m=<marker> on a fresh unix-socket connection "
+        "(HTTP/1.0, `Connection: close`): the view runs one SELECT (`SELECT COUNT(*) FROM sh_hit WHERE marker = %s`; "
+        'nothing inserts, so every right answer is exactly `{"count": 0}`, and every answer is checked). '
+        f"Load: {plan.client_procs} client processes x {plan.client_threads} threads = {plan.concurrency} concurrent "
+        f"connections, each thread one request at a time. {plan.rounds} round(s); in each, every arm of a database "
+        "gets a window in turn (the order rotates by one arm every round): a fresh master on the arm's own database "
+        f"(created once for the run), {plan.warmup_seconds:g} s of warm-up (checked, not timed), "
+        f"{plan.window_seconds:g} s measured, then (serverhooks arms) its workers' `serverhooks.stats()` via "
+        "/whoami, then the master is stopped and the bench waits until the database has no session left.",
+        "",
+        "- **no hooks**: the shipped gunicorn.conf.py without its `from serverhooks.gunicorn import *` line, gevent "
+        "workers (GUNICORN_WORKER_CLASS=gevent).",
+        "- **serverhooks**: the shipped gunicorn.conf.py as it is, gevent workers, the pool on with its default "
+        f"POOL_SIZE ({summary['pool_size']}, as the workers resolve it).",
+        "- **sync-worker ceiling**: the no-hooks file with GUNICORN_WORKER_CLASS=sync: two processes, one "
+        "persistent session each, the same load queued on the socket. Same driver as the serverhooks arm.",
+        "- **django-db-geventpool** (PostgreSQL): the no-hooks file, bench/settings_peers.py with ENGINE "
+        "`django_db_geventpool.backends.postgresql_psycopg3`, CONN_MAX_AGE 0, OPTIONS MAX_CONNS = REUSE_CONNS = "
+        f"{summary['pool_size']} per worker and Django's pool off, as its README says for Django 5.1+. It runs "
+        "`SELECT 1` on every connection it hands out (its `check_usable`), so it sends two statements per request.",
+        "- **Django's psycopg pool** (PostgreSQL): the no-hooks file, DATABASE_URL with `?pool=1` (CONN_MAX_AGE 0; "
+        "tests/project/dburl.py gives min_size 2, max_size 4), max_size raised to "
+        f"{summary['pool_size']} per worker in bench/settings_peers.py, the same bound as serverhooks.",
+        "",
+        "Sessions opened are counted on the database server over each master's whole life (warm-up, window and "
+        "the stats requests; the counters are read again once the master has stopped and its sessions are gone): "
+        "PostgreSQL `pg_stat_database.sessions` of the arm's own database; MariaDB the global `Connections` "
+        "counter less the session sampler's own connections and less the attempts refused at max_connections "
+        "(`Connection_errors_max_connections`, shown in brackets). MariaDB's counters are global: the "
+        "connections anyone else made during a 0.5 s gap before each window are counted too, as a check "
+        "(total below the tables). The peak of concurrent sessions is sampled every "
+        f"{plan.sample_interval * 1e3:.0f} ms (tests/support/dbserver.SessionSampler, a new admin connection per "
+        "sample: it is refused too when the server is full, and then the true peak is at the server's limit). "
+        "*Statements per request*: MariaDB `Com_select` (less the sampler's), PostgreSQL transactions "
+        "(`xact_commit + xact_rollback`; each autocommit statement is one) of the arm's database, over every "
+        "request the master answered; they include each new session's set-up queries. CPU per request: "
+        "the master and its workers; the database server processes (PostgreSQL backends that come and go "
+        "included); the client processes. *Other work*: CPU spent during the window outside the bench, its "
+        "server, clients and the database servers.",
+        "",
+    ]
+    for family, res in fams.items():
+        out += [
+            f"## {FAMILY_TITLE[family]}",
+            "",
+            "| arm | median req/s | 25th to 75th | every window (req/s) | sessions opened, all windows "
+            "| per window | sessions per 1000 requests | peak concurrent sessions | statements per request "
+            "| worker CPU µs/req | database CPU µs/req | client CPU µs/req | other work (cores, median / max) "
+            "| requests | HTTP errors | no answer | wrong answer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *_arm_rows(family, res),
+            "",
+        ]
+        lines = [f"serverhooks / no hooks: {_ratio_text(res['vs_nohooks'])}"]
+        if family == "mysql":
+            lines.append(f"serverhooks with mysqlclient / no hooks: {_ratio_text(res['mysqlclient_vs_nohooks'])}")
+        else:
+            for key in PEERS:
+                lines.append(f"serverhooks / {res['arms'][key]['title']}: {_ratio_text(res['vs_peers'][key])}")
+        lines.append(f"serverhooks / sync-worker ceiling: {_ratio_text(res['vs_sync'])}")
+        out += [f"- {line}" for line in lines]
+        for key in (SERVERHOOKS, MYSQLCLIENT):
+            if key not in res["arms"]:
+                continue
+            s = res["arms"][key]
+            pool = s["pool"]
+            waits = pool["pool_waits"]
+            out.append(
+                f"- {s['title']}, `serverhooks.stats()` summed over workers and windows: pool_opened "
+                f"{pool['pool_opened']:.0f} (at most {s['pool_opened_per_worker_max']} in one worker), pool_reused "
+                f"{pool['pool_reused']:.0f}, pool_waits {waits:.0f} ({pool['pool_wait_seconds']:.2f} s in all"
+                + (f", {pool['pool_wait_seconds'] / waits * 1e3:.1f} ms each" if waits else "")
+                + f"), pool_discarded {pool['pool_discarded']:.0f}, pool_reclaimed {pool['pool_reclaimed']:.0f}"
+            )
+        if family == "mysql":
+            foreign = sum(res["arms"][k]["foreign_connections"] for k in res["arms"])
+            out.append(f"- connections to MariaDB by anyone else during the gaps before the windows: {foreign}")
+        left = max(res["arms"][k]["left_open"] for k in res["arms"])
+        if left:
+            out.append(f"- sessions still open 20 s after a master stopped (most in one window): {left}")
+        examples = [
+            f"{res['arms'][k]['title']}: `{e}`" for k in res["arms"] for e in res["arms"][k]["checked"]["examples"][:2]
+        ]
+        if examples:
+            out.append("- first problems seen: " + "; ".join(examples))
+        out.append("")
+    return "\n".join(out)
+
+
+# =========================================================================== main
+
+
+def wait_for_quiet_machine() -> str:
+    """Poll /proc/loadavg (bounded) until the 1-minute load average is below LOAD_QUIET."""
+    started = time.monotonic()
+    for _ in range(int(LOAD_WAIT_S / LOAD_POLL_S) + 1):
+        load1 = os.getloadavg()[0]
+        if load1 < LOAD_QUIET:
+            return f"waited {time.monotonic() - started:.0f} s for a 1-minute load average below {LOAD_QUIET:g}"
+        if time.monotonic() - started >= LOAD_WAIT_S:
+            break
+        print(f"  load average {load_average()}: waiting for the 1-minute figure to fall below {LOAD_QUIET:g}")
+        time.sleep(LOAD_POLL_S)
+    return f"the 1-minute load average stayed at or above {LOAD_QUIET:g} for {LOAD_WAIT_S / 60:.0f} min: ran anyway"
+
+
+def _max_connections() -> dict[str, str]:
+    from tests.support import dbserver
+
+    found = {}
+    for family, sql in (("mysql", "SELECT @@max_connections"), ("postgres", "SHOW max_connections")):
+        try:
+            found[f"{family}_max_connections"] = str(dbserver.query(family, sql)[0][0])
+        except Exception as exc:
+            found[f"{family}_max_connections"] = f"? ({type(exc).__name__})"
+    return found
+
+
+@contextmanager
+def _scrubbed_environment() -> Iterator[list[str]]:
+    """Settings of the caller's shell must not leak into the arms: SERVERHOOKS_* (but the test servers'
+    addresses), GUNICORN_*, WEB_CONCURRENCY, DJANGO_SETTINGS_MODULE, DATABASE_URL, BENCH_PEER*."""
+    removed: dict[str, str] = {}
+    for key in list(os.environ):
+        if (
+            (key.startswith("SERVERHOOKS_") and not key.startswith("SERVERHOOKS_TEST_"))
+            or key.startswith(("GUNICORN_", "BENCH_PEER"))
+            or key in {"WEB_CONCURRENCY", "DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CONN_MAX_AGE", "QUERY_AT_IMPORT"}
+        ):
+            removed[key] = os.environ.pop(key)
+    try:
+        yield sorted(removed)
+    finally:
+        os.environ.update(removed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="serverhooks' gevent pool under Gunicorn; writes bench/GEVENT_RESULTS.md."
+    )
+    parser.add_argument("--quick", action="store_true", help="short smoke run (under a minute)")
+    parser.add_argument("--no-wait", action="store_true", help="full run: do not wait for a quiet machine first")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    os.chdir(REPO)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.support import dbserver
+
+    families = ("mysql", "postgres")
+    for family in families:
+        reason = dbserver.reachable(family)
+        if reason is not None:
+            print(f"{family} server at {dbserver.server_url(family)} does not answer: {reason}", file=sys.stderr)
+            return 2
+    with _scrubbed_environment() as removed:
+        if removed:
+            print(f"ignoring these variables of the calling environment: {', '.join(removed)}", flush=True)
+        if plan.mode == "full" and not args.no_wait:
+            load_wait = wait_for_quiet_machine()
+        else:
+            load_wait = "no wait for a quiet machine (quick run)" if plan.mode == "quick" else "no wait (--no-wait)"
+        print(load_wait, flush=True)
+        shutil.rmtree(OUT_DIR, ignore_errors=True)
+        OUT_DIR.mkdir(parents=True)
+        started = time.monotonic()
+        env = {
+            **environment(("gevent", "greenlet", "PyMySQL", "psycopg-pool", "django-db-geventpool")),
+            **_max_connections(),
+            **snapshot_code(CODE_DIR, COMMITTED),
+            "load_wait": load_wait,
+        }
+        print(f"{plan.mode} run; server logs in {OUT_DIR}", flush=True)
+        windows, pool_size = run_all(plan, families)
+    env["load_after"] = load_average()
+    took = time.monotonic() - started
+    summary = summarise(windows, families, pool_size, plan)
+    raw = {
+        "plan": dataclasses.asdict(plan),
+        "env": env,
+        "windows": [dataclasses.asdict(w) for w in windows],
+        "summary": summary,
+    }
+    (OUT_DIR / "raw.json").write_text(json.dumps(raw, indent=1))
+    report = render(plan, env, summary, took)
+    RESULTS_PATH.write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

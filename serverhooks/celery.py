@@ -1,0 +1,113 @@
+"""Celery adapter: `import serverhooks.celery` in the module that defines your Celery app.
+
+Signal handlers, named after the signals they serve:
+
+=====================================  ===========================================
+signal                                 what serverhooks does
+=====================================  ===========================================
+worker_init (main process)             track connections, arm the fork guard
+worker_process_init (pool child)       abandon inherited connections (no network I/O)
+worker_ready (main process)            gevent/eventlet-less pools: prepare the worker
+task_postrun (where the task ran)      release: back to the gevent pool, or close
+                                       connections that are obsolete or broken
+worker_process_shutdown (pool child)   close cleanly
+worker_shutdown (main process)         close cleanly
+=====================================  ===========================================
+
+They are connected when this module is imported, so they run before Celery's own
+Django fixup connects its handlers (at worker start). That fixup closes each
+inherited socket with a bare `os.close()` and then calls `close()` on the
+connection, which can write into whatever file reuses that fd number; by the time
+it runs, serverhooks has already detached the connection, so it finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+try:
+    from celery import signals
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "serverhooks.celery needs Celery: pip install 'serverhooks[celery]' (or pip install celery)."
+    ) from exc
+
+from serverhooks import _django, conf, forkguard, lifecycle
+from serverhooks._log import never_raise
+
+__all__ = [
+    "on_task_postrun",
+    "on_worker_init",
+    "on_worker_process_init",
+    "on_worker_process_shutdown",
+    "on_worker_ready",
+    "on_worker_shutdown",
+]
+
+
+def _guarded(hook: str) -> Any:
+    return never_raise(hook, "Celery")
+
+
+def on_worker_init(**kwargs: Any) -> None:
+    """Main process, before the pool starts: follow connections and guard the pool's forks."""
+    with _guarded("worker_init"):
+        if _django.loaded_db() is not None:
+            lifecycle.start_tracking()
+            if conf.get("FORK_GUARD"):
+                forkguard.install_fork_guard()
+
+
+def on_worker_process_init(**kwargs: Any) -> None:
+    """Prefork pool child, first thing: abandon what the parent had open."""
+    with _guarded("worker_process_init"):
+        lifecycle.abandon_inherited()
+        lifecycle.prepare_worker()
+
+
+def on_worker_ready(**kwargs: Any) -> None:
+    """Main process, consuming: the threads and gevent pools run tasks right here."""
+    with _guarded("worker_ready"):
+        lifecycle.prepare_worker()
+
+
+def on_task_postrun(**kwargs: Any) -> None:
+    """Where the task ran: give its connections back.
+
+    Under the gevent pool they return to serverhooks' pool. Elsewhere a worker
+    process or thread runs task after task, so persistent connections stay, and
+    only broken or expired ones (CONN_MAX_AGE) are closed, as Django does at the
+    end of a request.
+    """
+    with _guarded("task_postrun"):
+        gevent_pool = sys.modules.get("serverhooks.pool")
+        if gevent_pool is not None and gevent_pool.active():
+            gevent_pool.release_current()
+            return
+        db = _django.loaded_db()
+        if db is not None:
+            for wrapper in db.connections.all(initialized_only=True):
+                wrapper.close_if_unusable_or_obsolete()
+
+
+def on_worker_process_shutdown(**kwargs: Any) -> None:
+    with _guarded("worker_process_shutdown"):
+        lifecycle.close_at_exit()
+
+
+def on_worker_shutdown(**kwargs: Any) -> None:
+    with _guarded("worker_shutdown"):
+        lifecycle.close_at_exit()
+
+
+_CONNECTIONS = {
+    signals.worker_init: on_worker_init,
+    signals.worker_process_init: on_worker_process_init,
+    signals.worker_ready: on_worker_ready,
+    signals.task_postrun: on_task_postrun,
+    signals.worker_process_shutdown: on_worker_process_shutdown,
+    signals.worker_shutdown: on_worker_shutdown,
+}
+for _signal, _handler in _CONNECTIONS.items():
+    _signal.connect(_handler, weak=False, dispatch_uid=f"serverhooks.celery.{_handler.__name__}")
