@@ -1,6 +1,6 @@
 """A Celery app for the tests: `celery -A tests.project.celery_app worker ...`.
 
-SERVERHOOKS_CELERY=1 imports serverhooks.celery (the hooks arm). QUERY_AT_IMPORT=1 runs a
+SERVERHOOKS_CELERY=1 imports serverhooks.celery (the hooks arm). QUERY_BEFORE_FORK=1 runs a
 query in the main process before its pool forks. CELERY_BROKER_URL / CELERY_QUEUE keep
 each test's tasks apart.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import django
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.project.settings")
 django.setup()
@@ -19,7 +19,10 @@ if os.environ.get("SERVERHOOKS_CELERY") == "1":
     import serverhooks.celery  # noqa: F401 - the one line users add
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
-app = Celery("tests", broker=BROKER, backend=BROKER)
+# CELERY_DJANGO_FIXUP=0: no Django fixup, as when the app is created before
+# DJANGO_SETTINGS_MODULE is set (Celery only installs it when that variable is set).
+fixups = [] if os.environ.get("CELERY_DJANGO_FIXUP") == "0" else None
+app = Celery("tests", broker=BROKER, backend=BROKER, fixups=fixups)
 app.conf.update(
     task_default_queue=os.environ.get("CELERY_QUEUE", "serverhooks-tests"),
     worker_hijack_root_logger=False,
@@ -27,11 +30,16 @@ app.conf.update(
     result_expires=600,
 )
 
-if os.environ.get("QUERY_AT_IMPORT") == "1":
-    from django.db import connection
 
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+@signals.worker_init.connect
+def query_before_the_pool_forks(**kwargs: object) -> None:
+    """Connected after Celery's fixup (which closes connections at worker_init): the
+    main process holds a connection when its pool forks."""
+    if os.environ.get("QUERY_BEFORE_FORK") == "1":
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
 
 
 @app.task(name="tests.echo")

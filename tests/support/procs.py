@@ -205,3 +205,52 @@ def start_uwsgi(
             command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
+
+
+def start_celery(tmp: Path, env: dict[str, str], *, pool: str = "prefork", concurrency: int = 4) -> Server:
+    """A real `celery worker` for tests.project.celery_app, in its own process group.
+
+    Its `socket_path` is unused (Celery serves no HTTP): wait for readiness with
+    `wait_celery_ready`.
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / "celery.log"
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.project.celery_app",
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "-Q",
+        full_env["CELERY_QUEUE"],
+        "-n",
+        f"{full_env['CELERY_QUEUE']}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    workers = concurrency if pool == "prefork" else 0
+    return Server(proc=proc, socket_path="", log_path=log_path, expected_workers=workers)
+
+
+def wait_celery_ready(server: Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"celery exited with {server.proc.returncode}:\n{server.log()}")
+        if " ready." in server.log() and len(server.workers()) >= server.expected_workers:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"celery not ready after {timeout} s:\n{server.log()}")
