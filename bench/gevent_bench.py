@@ -144,7 +144,8 @@ class Plan:
     window_seconds: float
     client_procs: int
     client_threads: int  # per client process
-    sample_interval: float  # SessionSampler
+    sample_interval: float  # SessionSampler (a new connection per sample)
+    tracker_interval: float  # SessionTracker (one held connection)
     gap_seconds: float  # between windows: the database settles; MariaDB's foreign connections are counted
 
     @property
@@ -152,8 +153,8 @@ class Plan:
         return self.client_procs * self.client_threads
 
 
-QUICK = Plan("quick", 1, 0.5, 1.5, 4, 5, 0.05, 0.2)
-FULL = Plan("full", 5, 1.0, 4.0, 4, 5, 0.05, 0.5)
+QUICK = Plan("quick", 1, 0.5, 1.5, 4, 5, 0.05, 0.02, 0.2)
+FULL = Plan("full", 6, 1.0, 4.0, 4, 5, 0.05, 0.02, 0.5)
 
 # =========================================================================== load (client processes)
 
@@ -405,6 +406,50 @@ class ServerCounters:
         return left, counters
 
 
+class SessionTracker:
+    """The distinct sessions of one database and their peak, sampled on a held admin session.
+
+    Per database on both servers (MariaDB's counters are global), and never refused when the
+    server is full. A session that opens and closes between two samples is missed, so the
+    count is a lower bound; sessions here live for a whole master or until garbage collection."""
+
+    def __init__(self, admin: ServerCounters, database: str, interval: float, max_seconds: float = 180.0) -> None:
+        self.admin, self.database, self.interval, self.max_seconds = admin, database, interval, max_seconds
+        self.seen: set[tuple[Any, ...]] = set()
+        self.peak = 0
+        self.samples = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if self.admin.family == "mysql":
+            sql = "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s"
+        else:
+            sql = "SELECT pid, backend_start::text FROM pg_stat_activity WHERE datname = %s"
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                rows = self.admin._rows(sql, (self.database,))
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                if len(self.errors) > 20:
+                    return
+            else:
+                self.seen.update(rows)
+                self.peak = max(self.peak, len(rows))
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> SessionTracker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 # =========================================================================== one window
 
 
@@ -419,7 +464,10 @@ class Window:
     sessions_opened: int  # over the master's life: warm-up, window and the stats requests
     sessions_refused: int  # MariaDB: the app's attempts refused at max_connections (-1: not known)
     selects: int  # MariaDB: Com_select; PostgreSQL: transactions (-1: not known)
-    peak_sessions: int
+    sessions_seen: int  # distinct sessions of the arm's database, sampled on a held admin session
+    peak_sessions: int  # the higher of the two samplers' peaks
+    peak_sampler: int  # tests/support/dbserver.SessionSampler's
+    peak_tracker: int  # SessionTracker's
     sampler_samples: int
     sampler_refused: int
     left_open_after_stop: int
@@ -478,8 +526,17 @@ POOL_KEYS = ("pool_opened", "pool_reused", "pool_waits", "pool_wait_seconds", "p
 
 
 def run_window(
-    arm: Arm, rnd: int, position: int, database: str, counters: ServerCounters, plan: Plan, pool: Pool, pool_size: int
+    arm: Arm,
+    rnd: int,
+    position: int,
+    database: str,
+    admins: tuple[ServerCounters, ServerCounters],
+    plan: Plan,
+    pool: Pool,
+    pool_size: int,
 ) -> Window:
+    """One window of one arm: a fresh master, warm-up, the measured load, its stats; stopped; counted."""
+    counters, tracker_admin = admins
     from tests.support import dbserver, procs
 
     tmp = OUT_DIR / f"{arm.family}-{arm.key}-r{rnd}"
@@ -490,18 +547,27 @@ def run_window(
     foreign = before.get("Connections", 0) - gap_before.get("Connections", 0)
     server: Server | None = None
     try:
-        with dbserver.SessionSampler(arm.family, database, interval=plan.sample_interval) as sampler:
+        with (
+            SessionTracker(tracker_admin, database, plan.tracker_interval) as tracker,
+            dbserver.SessionSampler(arm.family, database, interval=plan.sample_interval) as sampler,
+        ):
             server = procs.start_gunicorn(
                 tmp, arm_env(arm, database, pool_size), settings={"_source": _conf_source(arm.hooks)}, workers=WORKERS
             )
             server.wait_ready(60.0)
             warm = run_load(pool, server, plan.warmup_seconds, plan)
             load = run_load(pool, server, plan.window_seconds, plan)
-        stats: dict[int, dict[str, Any]] = {}
-        stats_requests = 0
-        if arm.pooled_by_serverhooks:
-            stats, stats_requests = _worker_stats(server)
-        server.stop()
+            stats: dict[int, dict[str, Any]] = {}
+            stats_requests = 0
+            if arm.pooled_by_serverhooks:
+                stats, stats_requests = _worker_stats(server)
+            server.stop()
+            left_now = counters.open_sessions(database)
+            for _ in range(200):  # until the stopped master's sessions are gone (bounded), still tracking
+                if not left_now:
+                    break
+                time.sleep(0.05)
+                left_now = counters.open_sessions(database)
     except BaseException:
         if server is not None:
             server.stop()
@@ -532,7 +598,10 @@ def run_window(
         sessions_opened=opened,
         sessions_refused=refused,
         selects=selects,
-        peak_sessions=sampler.peak,
+        sessions_seen=len(tracker.seen),
+        peak_sessions=max(sampler.peak, tracker.peak),
+        peak_sampler=sampler.peak,
+        peak_tracker=tracker.peak,
         sampler_samples=sampler.samples,
         sampler_refused=len(sampler.refused),
         left_open_after_stop=left,
@@ -572,7 +641,7 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
     from tests.support import dbserver
 
     databases: dict[tuple[str, str], str] = {}
-    counters: dict[str, ServerCounters] = {}
+    admins: dict[str, tuple[ServerCounters, ServerCounters]] = {}
     windows: list[Window] = []
     try:
         for family in families:
@@ -583,7 +652,7 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
             for arm in ARMS[family]:
                 schema(arm_env(arm, databases[(family, arm.key)], pool_size), CODE_DIR)
         for family in families:
-            counters[family] = ServerCounters(family)
+            admins[family] = (ServerCounters(family), ServerCounters(family))
         # The client processes are forked once, before any server or sampler thread starts.
         with multiprocessing.get_context("fork").Pool(plan.client_procs) as pool:
             for rnd in range(plan.rounds):
@@ -591,7 +660,7 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
                     line = []
                     for position, arm in enumerate(_rotated(ARMS[family], rnd)):
                         w = run_window(
-                            arm, rnd, position, databases[(family, arm.key)], counters[family], plan, pool, pool_size
+                            arm, rnd, position, databases[(family, arm.key)], admins[family], plan, pool, pool_size
                         )
                         windows.append(w)
                         line.append(
@@ -601,11 +670,12 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
                         )
                     print(f"  round {rnd + 1}/{plan.rounds} {family}: " + ", ".join(line), flush=True)
     finally:
-        for c in counters.values():
-            try:
-                c.close()
-            except Exception:
-                pass
+        for pair in admins.values():
+            for admin in pair:
+                try:
+                    admin.close()
+                except Exception:
+                    pass
         for (family, _arm), name in databases.items():
             drop_quietly(family, name)
     return windows, pool_size

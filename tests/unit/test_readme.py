@@ -147,3 +147,23 @@ def test_fork_hook_table_matches_the_tests() -> None:
     }
     rows = dict(re.findall(r"^\| (none \(uWSGI's default\)|`[\w-]+`)[^|]* \| (yes|no)", README, flags=re.M))
     assert rows == asserted
+
+
+def test_threads_snippet_runs(tmp_path: Path) -> None:
+    (snippet,) = [body for body in blocks("python") if "serverhooks.threads import" in body]
+    code = "import django; django.setup()\n" + snippet
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.project.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/threads.sqlite3",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=procs.REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+
+
+def test_celery_snippet_is_the_adapter() -> None:
+    (snippet,) = [body for body in blocks("python") if "import serverhooks.celery" in body]
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=procs.REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
