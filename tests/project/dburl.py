@@ -37,11 +37,17 @@ def parse(url: str, conn_max_age: int = 0) -> dict[str, Any]:
     if family == "sqlite":
         return {"ENGINE": ENGINES[family], "NAME": unquote(parts.path) or ":memory:", "CONN_MAX_AGE": conn_max_age}
     options: dict[str, Any] = {}
+    if query.get("pgbouncer") in {"1", "true"}:
+        # PgBouncer in transaction mode: no server-side prepared statements (psycopg 3
+        # prepares after 5 runs of a query; PgBouncer < 1.21 cannot follow them).
+        options["prepare_threshold"] = None
     if query.get("pool") in {"1", "true"}:
         options["pool"] = {"min_size": 2, "max_size": 4}
         conn_max_age = 0  # Django refuses persistent connections with its pool
     return {
         "ENGINE": ENGINES[family],
+        # Named cursors need their transaction; PgBouncer may move the next FETCH elsewhere.
+        "DISABLE_SERVER_SIDE_CURSORS": query.get("pgbouncer") in {"1", "true"},
         "NAME": unquote(parts.path.lstrip("/")),
         "USER": unquote(parts.username or ""),
         "PASSWORD": unquote(parts.password or ""),

@@ -27,7 +27,7 @@ elif _driver == "psycopg2":
     # Django prefers psycopg 3 when both are installed; hide it to test psycopg2.
     sys.modules["psycopg"] = None  # type: ignore[assignment]
 
-SECRET_KEY = "tests-only-not-secret"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "tests-only-not-secret")
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
 USE_TZ = True
