@@ -18,7 +18,12 @@ class ServerhooksConfig(AppConfig):
     def ready(self) -> None:
         import django.db  # noqa: F401 - tracking needs it, and Django is set up by now
 
-        from serverhooks import conf, forkguard, lifecycle
+        from serverhooks import (
+            checks,  # noqa: F401 - registers the system checks
+            conf,
+            forkguard,
+            lifecycle,
+        )
 
         lifecycle.start_tracking()
         if conf.get("FORK_GUARD"):

@@ -2,6 +2,8 @@
 
 DATABASE_URL       see tests/project/dburl.py; default: SQLite in the temp dir
 CONN_MAX_AGE       seconds, default 3600 (the setting that makes fork inheritance bite)
+CONN_HEALTH_CHECKS "1" turns Django's health checks on
+DJANGO_DEBUG       "1" sets DEBUG = True
 CACHE_URL          redis://... makes the default cache Django's RedisCache
 DATABASE_ENGINE    replaces ENGINE (the bad-input tests)
 SERVERHOOKS_APP    "1" adds "serverhooks" to INSTALLED_APPS (the fork guard everywhere)
@@ -28,7 +30,7 @@ elif _driver == "psycopg2":
     sys.modules["psycopg"] = None  # type: ignore[assignment]
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "tests-only-not-secret")
-DEBUG = False
+DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
 ALLOWED_HOSTS = ["*"]
 USE_TZ = True
 ROOT_URLCONF = "tests.project.urls"
@@ -37,6 +39,7 @@ if os.environ.get("SERVERHOOKS_APP") == "1":
     INSTALLED_APPS.append("serverhooks")
 MIDDLEWARE: list[str] = []
 DATABASES = {"default": dburl.parse(DATABASE_URL, int(os.environ.get("CONN_MAX_AGE", "3600")))}
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = os.environ.get("CONN_HEALTH_CHECKS") == "1"
 if os.environ.get("DATABASE_ENGINE"):  # the bad-input tests' wrong ENGINE
     DATABASES["default"]["ENGINE"] = os.environ["DATABASE_ENGINE"]
 if os.environ.get("CACHE_URL"):

@@ -1,0 +1,175 @@
+"""The static rules: pure functions of what was read, shared with the Django system checks.
+
+Ids are stable and documented in the README's table; never reuse a retired one.
+"""
+
+from __future__ import annotations
+
+from serverhooks.doctor.deployment import Database, Django, Server
+from serverhooks.doctor.findings import Finding, Severity
+
+ADAPTER_LINE = {
+    "gunicorn": "add `from serverhooks.gunicorn import *` to gunicorn.conf.py",
+    "uwsgi": "add `import = serverhooks.uwsgi` to uwsgi.ini",
+    "celery": "add `import serverhooks.celery` where the Celery app is defined",
+}
+FORKS_AFTER_LOADING = {
+    "gunicorn": "preload_app",
+    "uwsgi": "the app loaded in the master (no lazy-apps)",
+    "celery": "the prefork pool",
+}
+
+
+def _persistent(database: Database) -> bool:
+    return database.conn_max_age is None or database.conn_max_age > 0
+
+
+def server_rules(server: Server, django: Django | None) -> list[Finding]:
+    findings: list[Finding] = []
+    fix_line = ADAPTER_LINE[server.kind]
+    where = f"{server.kind}: {server.source}"
+    databases = django.databases if django else []
+    unprotected = not server.serverhooks and not (django and django.serverhooks_app)
+    if server.forks_after_loading_app and unprotected:
+        persistent = [d.alias for d in databases if _persistent(d) and d.vendor != "other"]
+        if persistent:
+            findings.append(
+                Finding(
+                    "serverhooks.W001",
+                    Severity.ERROR,
+                    f"{FORKS_AFTER_LOADING[server.kind]} with CONN_MAX_AGE > 0 ({', '.join(persistent)}): workers "
+                    "inherit the parent's open connection and interleave on it, returning other requests' "
+                    "results with HTTP 200.",
+                    fix_line + ".",
+                    where,
+                )
+            )
+        pooled = [d.alias for d in databases if d.django_pool]
+        if pooled:
+            findings.append(
+                Finding(
+                    "serverhooks.W005",
+                    Severity.ERROR,
+                    f"Django's PostgreSQL pool ({', '.join(pooled)}) with {FORKS_AFTER_LOADING[server.kind]}: its "
+                    "class-level pools survive fork (Django ticket 36957), so workers share pooled sessions.",
+                    fix_line + ".",
+                    where,
+                )
+            )
+    if server.gevent:
+        if server.forks_after_loading_app and unprotected and server.kind != "celery":
+            findings.append(
+                Finding(
+                    "serverhooks.W004",
+                    Severity.ERROR,
+                    "gevent with the app loaded before the monkey patch: every greenlet of a worker shares one "
+                    "connection ('DatabaseWrapper objects created in a thread can only be used in that same "
+                    "thread').",
+                    fix_line + ".",
+                    where,
+                )
+            )
+        for database in databases:
+            if database.driver == "mysqlclient":
+                findings.append(
+                    Finding(
+                        "serverhooks.W002",
+                        Severity.WARNING,
+                        f"gevent with mysqlclient ({database.described}): every query blocks the whole worker.",
+                        "pip install PyMySQL, then in settings.py: import pymysql; pymysql.install_as_MySQLdb()",
+                        where,
+                    )
+                )
+            if database.driver == "psycopg2" and not (django and django.psycogreen):
+                findings.append(
+                    Finding(
+                        "serverhooks.W003",
+                        Severity.WARNING,
+                        f"gevent with psycopg2 and no psycogreen ({database.described}): every query blocks the "
+                        "whole worker.",
+                        "pip install psycogreen (serverhooks applies it; without serverhooks call "
+                        "psycogreen.gevent.patch_psycopg() at startup).",
+                        where,
+                    )
+                )
+    for database in databases:
+        per_process = server.threads
+        if server.gevent:
+            pooled_by_us = server.serverhooks and django is not None and django.gevent_pool
+            per_process = django.pool_size if pooled_by_us and django else (server.per_process_limit or 1000)
+        sessions = server.processes * per_process
+        if database.max_connections is not None and sessions > database.max_connections:
+            findings.append(
+                Finding(
+                    "serverhooks.W007",
+                    Severity.WARNING,
+                    f"{server.processes} processes x {per_process} sessions each = {sessions}, above "
+                    f"{database.described}'s max_connections ({database.max_connections}).",
+                    "lower workers, threads or SERVERHOOKS['POOL_SIZE'], raise max_connections, or put PgBouncer in "
+                    "front (deploy/pgbouncer).",
+                    where,
+                )
+            )
+    if django and django.debug:
+        findings.append(
+            Finding(
+                "serverhooks.W008",
+                Severity.WARNING,
+                f"DEBUG=True under {server.kind}: every query is kept in connection.queries, so long-lived workers "
+                "grow without bound (and errors show settings).",
+                "set DEBUG = False in production settings.",
+                where,
+            )
+        )
+    if "*" in server.forwarded_allow_ips:
+        findings.append(
+            Finding(
+                "serverhooks.W009",
+                Severity.WARNING,
+                "forwarded_allow_ips = '*': any client can claim any address and scheme with X-Forwarded-* headers.",
+                "list only your proxy's addresses (GUNICORN_FORWARDED_ALLOW_IPS in the shipped config).",
+                where,
+            )
+        )
+    return findings
+
+
+def settings_rules(django: Django, *, include_debug: bool = False) -> list[Finding]:
+    """What Django settings alone reveal (shared with `manage.py check --deploy`).
+
+    `include_debug`: for `check --deploy`, which is about production by definition; the doctor
+    reports DEBUG per server instead (W008 in `server_rules`).
+    """
+    findings: list[Finding] = []
+    if include_debug and django.debug:
+        findings.append(
+            Finding(
+                "serverhooks.W008",
+                Severity.WARNING,
+                "DEBUG=True in production: every query is kept in connection.queries, so long-lived workers grow "
+                "without bound (and errors show settings).",
+                "set DEBUG = False in production settings.",
+                "settings.DEBUG",
+            )
+        )
+    for database in django.databases:
+        if database.vendor != "mysql" or database.health_checks or not _persistent(database):
+            continue
+        too_long = database.conn_max_age is None or (
+            database.wait_timeout is not None and database.conn_max_age > database.wait_timeout
+        )
+        if too_long:
+            limit = "unlimited" if database.conn_max_age is None else f"{database.conn_max_age:g} s"
+            server_limit = "" if database.wait_timeout is None else f" (wait_timeout {database.wait_timeout} s)"
+            findings.append(
+                Finding(
+                    "serverhooks.W006",
+                    Severity.WARNING,
+                    f"CONN_MAX_AGE {limit} outlives the MySQL server's idle limit{server_limit} on "
+                    f"{database.described}, without CONN_HEALTH_CHECKS: the first query after a quiet spell fails "
+                    "with 2006.",
+                    "set CONN_HEALTH_CHECKS = True, or CONN_MAX_AGE below wait_timeout.",
+                    f"DATABASES[{database.alias!r}]",
+                )
+            )
+    return findings
