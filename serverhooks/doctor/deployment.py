@@ -7,8 +7,10 @@ blocks, %d, $(VAR)). Celery: the app's own configuration. Django: its settings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import re
 import sys
@@ -78,10 +80,16 @@ def read_gunicorn(path: str) -> Server:
         def load(self) -> None:
             return None
 
+    # Gunicorn prints a traceback and exits on a broken file: keep the gist, not the traceback.
+    captured = io.StringIO()
     try:
-        cfg = ConfigOnly().cfg
-    except SystemExit as exc:
-        raise DoctorError(f"Gunicorn could not load {path} (exit {exc.code}); run gunicorn --check-config") from None
+        with contextlib.redirect_stderr(captured):
+            cfg = ConfigOnly().cfg
+    except SystemExit:
+        lines = [line.strip() for line in captured.getvalue().splitlines() if line.strip()]
+        gist = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+        where = next((line for line in lines if line.startswith(f'File "{path}"')), "")
+        raise DoctorError(f"Gunicorn could not load {path}: {gist} {where}".strip()) from None
     except Exception as exc:
         raise DoctorError(f"Gunicorn could not load {path}: {describe_error(exc)}") from None
     worker_class = str(cfg.worker_class_str).lower()

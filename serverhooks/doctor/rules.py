@@ -31,20 +31,20 @@ def server_rules(server: Server, django: Django | None) -> list[Finding]:
     databases = django.databases if django else []
     unprotected = not server.serverhooks and not (django and django.serverhooks_app)
     if server.forks_after_loading_app and unprotected:
-        persistent = [d.alias for d in databases if _persistent(d) and d.vendor != "other"]
+        persistent = [repr(d.alias) for d in databases if _persistent(d) and d.vendor != "other"]
         if persistent:
             findings.append(
                 Finding(
                     "serverhooks.W001",
                     Severity.ERROR,
-                    f"{FORKS_AFTER_LOADING[server.kind]} with CONN_MAX_AGE > 0 ({', '.join(persistent)}): workers "
+                    f"{FORKS_AFTER_LOADING[server.kind]} with CONN_MAX_AGE > 0 on {', '.join(persistent)}: workers "
                     "inherit the parent's open connection and interleave on it, returning other requests' "
                     "results with HTTP 200.",
                     fix_line + ".",
                     where,
                 )
             )
-        pooled = [d.alias for d in databases if d.django_pool]
+        pooled = [repr(d.alias) for d in databases if d.django_pool]
         if pooled:
             findings.append(
                 Finding(

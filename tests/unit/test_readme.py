@@ -167,3 +167,31 @@ def test_celery_snippet_is_the_adapter() -> None:
     (snippet,) = [body for body in blocks("python") if "import serverhooks.celery" in body]
     out = subprocess.run([sys.executable, "-c", snippet], cwd=procs.REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.gunicorn
+def test_doctor_commands_run(tmp_path: Path) -> None:
+    (block,) = [body for body in blocks("bash") if "serverhooks doctor" in body]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.project.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/doctor.sqlite3",
+        "GUNICORN_CONTROL_SOCKET_DISABLE": "1",
+    }
+    for line in block.splitlines():
+        argv = shlex.split(line.split("#")[0])
+        assert argv[:2] == ["serverhooks", "doctor"]
+        if "--pid" in argv:  # a placeholder pid: the live mode is run against real servers in test_doctor.py
+            from serverhooks.doctor import _parser
+
+            assert _parser().parse_args(argv[2:]).pid == 4242
+            continue
+        out = subprocess.run(
+            [sys.executable, "-m", "serverhooks", *argv[1:]],
+            cwd=procs.REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and "No problems found." in out.stdout, out.stdout + out.stderr
