@@ -681,111 +681,153 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
     return windows, pool_size
 
 
+# =========================================================================== connect cost
+
+
+def connect_costs(rounds: int = 20) -> dict[str, float]:
+    """CPU ms this process spends to open and close one session, per driver (context for the arms)."""
+    import MySQLdb
+    import psycopg
+    import pymysql
+
+    from tests.support import dbserver
+
+    my = dbserver._params(dbserver.server_url("mysql"))
+    pg = dbserver._params(dbserver.server_url("postgres"))
+    mysql_kwargs = {"host": my["host"], "port": my["port"] or 3306, "user": my["user"], "password": my["password"]}
+    openers: dict[str, Any] = {
+        "PyMySQL": lambda: pymysql.connect(**mysql_kwargs, database=my["name"]),
+        "PyMySQL, ssl_disabled=True": lambda: pymysql.connect(**mysql_kwargs, database=my["name"], ssl_disabled=True),
+        "mysqlclient": lambda: MySQLdb.connect(**mysql_kwargs, database=my["name"]),
+        "psycopg 3": lambda: psycopg.connect(
+            host=pg["host"], port=pg["port"] or 5432, user=pg["user"], password=pg["password"], dbname=pg["name"]
+        ),
+    }
+    costs: dict[str, float] = {}
+    for name, opener in openers.items():
+        opener().close()  # imports and first-time set-up
+        started = time.process_time()
+        for _ in range(rounds):
+            opener().close()
+        costs[name] = (time.process_time() - started) / rounds * 1e3
+    return costs
+
+
 # =========================================================================== summary
 
 
-def summarise(windows: list[Window], families: Sequence[str], pool_size: int, plan: Plan) -> dict[str, Any]:
+def _per_request(values: Sequence[float], requests: Sequence[int]) -> float:
+    """Median over windows of value / requests, in µs."""
+    return median([v / max(1, n) * 1e6 for v, n in zip(values, requests, strict=True)])
+
+
+def summarise_arm(arm: Arm, mine: list[Window]) -> dict[str, Any]:
+    rates = [w.load.rps for w in mine]
+    checked = LoadCounts()
+    for w in mine:
+        checked.add(w.warmup)
+        checked.add(w.load.counts)
+    requests_total = sum(w.requests_total for w in mine)
+    opened = sum(w.sessions_opened for w in mine)
+    window_requests = [w.load.counts.requests for w in mine]
+    q1, q3 = quartiles(rates)
+    return {
+        "title": arm.title,
+        "rates": rates,
+        "median_rps": median(rates),
+        "q1_rps": q1,
+        "q3_rps": q3,
+        "sessions_opened": [w.sessions_opened for w in mine],
+        "sessions_opened_total": opened,
+        "sessions_seen_total": sum(w.sessions_seen for w in mine),
+        "sessions_refused_total": sum(w.sessions_refused for w in mine) if arm.family == "mysql" else None,
+        "requests_total": requests_total,
+        "sessions_per_1000": 1000 * opened / max(1, requests_total),
+        "statements_per_request": sum(w.selects for w in mine) / max(1, requests_total),
+        "peak_max": max((w.peak_sessions for w in mine), default=0),
+        "peak_sampler_max": max((w.peak_sampler for w in mine), default=0),
+        "peak_tracker_max": max((w.peak_tracker for w in mine), default=0),
+        "sampler_refused": sum(w.sampler_refused for w in mine),
+        "sampler_attempts": sum(w.sampler_samples + w.sampler_refused for w in mine),
+        "left_open": max((w.left_open_after_stop for w in mine), default=0),
+        "foreign_connections": sum(w.foreign_connections for w in mine),
+        "worker_cpu_us": _per_request([w.load.worker_cpu_s for w in mine], window_requests),
+        "db_cpu_us": _per_request([w.load.db_cpu_s for w in mine], window_requests),
+        "client_cpu_us": _per_request([w.load.counts.client_cpu_s for w in mine], window_requests),
+        "other_cores_median": median([w.load.other_cores for w in mine]),
+        "other_cores_max": max((w.load.other_cores for w in mine), default=float("nan")),
+        "checked": dataclasses.asdict(checked),
+        "pool": {key: sum(w.pool[key] for w in mine) for key in POOL_KEYS},
+        "pool_opened_per_worker_max": max((max(w.pool_opened_per_worker, default=0) for w in mine), default=0),
+    }
+
+
+def _ratio(arms: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """a / b of the arms' median req/s, with its bootstrap 95% interval."""
+    return {
+        "ratio": arms[a]["median_rps"] / arms[b]["median_rps"] if arms[b]["median_rps"] else float("nan"),
+        "ci": bootstrap(arms[b]["rates"], arms[a]["rates"], lambda x, y: y / x if x else float("nan")),
+    }
+
+
+def _fraction(part: int, whole: int) -> float:
+    return part / whole if whole > 0 else float("inf")
+
+
+def _fraction_f(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else float("inf")
+
+
+def summarise(windows: list[Window], families: Sequence[str], pool_size: int) -> dict[str, Any]:
     bound = WORKERS * pool_size
     out: dict[str, Any] = {"bound": bound, "pool_size": pool_size, "families": {}}
     for family in families:
-        arms: dict[str, Any] = {}
-        for arm in ARMS[family]:
-            mine = [w for w in windows if w.family == family and w.arm == arm.key]
-            rates = [w.load.rps for w in mine]
-            checked = LoadCounts()
-            for w in mine:
-                checked.add(w.warmup)
-                checked.add(w.load.counts)
-            requests = sum(w.load.counts.requests for w in mine)
-            q1, q3 = quartiles(rates)
-            arms[arm.key] = {
-                "title": arm.title,
-                "rates": rates,
-                "median_rps": median(rates),
-                "q1_rps": q1,
-                "q3_rps": q3,
-                "sessions_opened": [w.sessions_opened for w in mine],
-                "sessions_opened_total": sum(w.sessions_opened for w in mine),
-                "sessions_refused_total": sum(w.sessions_refused for w in mine) if family == "mysql" else None,
-                "requests_total": sum(w.requests_total for w in mine),
-                "sessions_per_1000": 1000
-                * sum(w.sessions_opened for w in mine)
-                / max(1, sum(w.requests_total for w in mine)),
-                "selects_per_request": sum(w.selects for w in mine) / max(1, sum(w.requests_total for w in mine)),
-                "peaks": [w.peak_sessions for w in mine],
-                "peak_max": max((w.peak_sessions for w in mine), default=0),
-                "sampler_refused": sum(w.sampler_refused for w in mine),
-                "sampler_samples": sum(w.sampler_samples for w in mine),
-                "left_open": max((w.left_open_after_stop for w in mine), default=0),
-                "foreign_connections": sum(w.foreign_connections for w in mine),
-                "worker_cpu_us": median([w.load.worker_cpu_s / max(1, w.load.counts.requests) * 1e6 for w in mine]),
-                "db_cpu_us": median([w.load.db_cpu_s / max(1, w.load.counts.requests) * 1e6 for w in mine]),
-                "client_cpu_us": median(
-                    [w.load.counts.client_cpu_s / max(1, w.load.counts.requests) * 1e6 for w in mine]
-                ),
-                "other_cores_median": median([w.load.other_cores for w in mine]),
-                "other_cores_max": max((w.load.other_cores for w in mine), default=float("nan")),
-                "window_requests": requests,
-                "checked": dataclasses.asdict(checked),
-                "pool": {key: sum(w.pool[key] for w in mine) for key in POOL_KEYS},
-                "pool_opened_per_worker_max": max((max(w.pool_opened_per_worker, default=0) for w in mine), default=0),
-            }
-
-        def ratio(a: str, b: str, arms: dict[str, Any] = arms) -> dict[str, Any]:
-            """a / b of the median req/s, with the bootstrap interval."""
-            return {
-                "ratio": arms[a]["median_rps"] / arms[b]["median_rps"] if arms[b]["median_rps"] else float("nan"),
-                "ci": bootstrap(arms[b]["rates"], arms[a]["rates"], lambda x, y: y / x if x else float("nan")),
-            }
-
-        result: dict[str, Any] = {"arms": arms, "vs_sync": ratio(SERVERHOOKS, SYNC)}
+        arms = {
+            arm.key: summarise_arm(arm, [w for w in windows if w.family == family and w.arm == arm.key])
+            for arm in ARMS[family]
+        }
+        result: dict[str, Any] = {
+            "arms": arms,
+            "vs_sync": _ratio(arms, SERVERHOOKS, SYNC),
+            "vs_nohooks": _ratio(arms, SERVERHOOKS, NOHOOKS),
+        }
         if family == "mysql":
-            result["vs_nohooks"] = ratio(SERVERHOOKS, NOHOOKS)
-            result["mysqlclient_vs_nohooks"] = ratio(MYSQLCLIENT, NOHOOKS)
-            sh, nh = arms[SERVERHOOKS]["sessions_opened_total"], arms[NOHOOKS]["sessions_opened_total"]
-            result["sessions_fraction"] = sh / nh if nh > 0 else float("inf")
+            sh, nh = arms[SERVERHOOKS], arms[NOHOOKS]
+            result["mysqlclient_vs_nohooks"] = _ratio(arms, MYSQLCLIENT, NOHOOKS)
+            result["mysqlclient_vs_sync"] = _ratio(arms, MYSQLCLIENT, SYNC)
+            # Absolute: the same load time. Per request: sessions opened / requests served.
+            result["sessions_fraction"] = _fraction(sh["sessions_opened_total"], nh["sessions_opened_total"])
+            result["sessions_fraction_seen"] = _fraction(sh["sessions_seen_total"], nh["sessions_seen_total"])
+            per_request = {
+                key: (
+                    s["sessions_opened_total"] / max(1, s["requests_total"]),
+                    s["sessions_seen_total"] / max(1, s["requests_total"]),
+                )
+                for key, s in ((SERVERHOOKS, sh), (NOHOOKS, nh))
+            }
+            result["sessions_per_request"] = per_request
+            result["sessions_fraction_per_request"] = _fraction_f(per_request[SERVERHOOKS][0], per_request[NOHOOKS][0])
+            result["sessions_fraction_per_request_seen"] = _fraction_f(
+                per_request[SERVERHOOKS][1], per_request[NOHOOKS][1]
+            )
         else:
             best = max(PEERS, key=lambda key: arms[key]["median_rps"])
             result["best_peer"] = best
-            result["vs_best_peer"] = ratio(SERVERHOOKS, best)
-            result["vs_peers"] = {key: ratio(SERVERHOOKS, key) for key in PEERS}
-            result["vs_nohooks"] = ratio(SERVERHOOKS, NOHOOKS)
+            result["vs_best_peer"] = _ratio(arms, SERVERHOOKS, best)
+            result["vs_peers"] = {key: _ratio(arms, SERVERHOOKS, key) for key in PEERS}
         out["families"][family] = result
-    sh_peaks = [
-        (family, key, arms_["peak_max"])
+    peaks = [
+        (family, key, res["arms"][key]["peak_max"])
         for family, res in out["families"].items()
-        for key, arms_ in res["arms"].items()
-        if key in (SERVERHOOKS, MYSQLCLIENT)
+        for key in (SERVERHOOKS, MYSQLCLIENT)
+        if key in res["arms"]
     ]
-    out["serverhooks_peak"] = max((p for _f, _k, p in sh_peaks), default=0)
-    out["serverhooks_peaks"] = sh_peaks
+    out["serverhooks_peaks"] = peaks
+    out["serverhooks_peak"] = max((p for _f, _k, p in peaks), default=0)
     return out
 
 
 # =========================================================================== report
-
-
-def _arm_rows(family: str, result: dict[str, Any]) -> list[str]:
-    rows = []
-    for arm in ARMS[family]:
-        s = result["arms"][arm.key]
-        c = s["checked"]
-        refused = "" if s["sessions_refused_total"] is None else f" ({s['sessions_refused_total']} refused)"
-        rows.append(
-            f"| {s['title']} | **{s['median_rps']:.0f}** | {s['q1_rps']:.0f} to {s['q3_rps']:.0f} "
-            f"| {' '.join(f'{x:.0f}' for x in s['rates'])} "
-            f"| {s['sessions_opened_total']}{refused} | {' '.join(str(x) for x in s['sessions_opened'])} "
-            f"| {s['sessions_per_1000']:.1f} | {s['peak_max']}"
-            + (
-                f" ({s['sampler_refused']} of {s['sampler_samples'] + s['sampler_refused']} samples refused)"
-                if s["sampler_refused"]
-                else ""
-            )
-            + f" | {s['selects_per_request']:.2f} | {s['worker_cpu_us']:.0f} | {s['db_cpu_us']:.0f} "
-            f"| {s['client_cpu_us']:.0f} | {s['other_cores_median']:.2f} / {s['other_cores_max']:.2f} "
-            f"| {c['requests'] + c['failures']} | {c['http_errors']} | {c['failures']} | {c['wrong']} |"
-        )
-    return rows
 
 
 def _ratio_text(r: dict[str, Any]) -> str:
@@ -793,9 +835,220 @@ def _ratio_text(r: dict[str, Any]) -> str:
     return f"{r['ratio']:.3f} (95% CI {lo:.3f} to {hi:.3f})"
 
 
-def render(plan: Plan, env: dict[str, str], summary: dict[str, Any], took: float) -> str:
+def _one_in(fraction: float) -> str:
+    return "none" if fraction == 0 else ("n/a" if fraction == float("inf") else f"1/{1 / fraction:.0f}")
+
+
+def _arm_rows(family: str, result: dict[str, Any]) -> list[str]:
+    rows = []
+    for arm in ARMS[family]:
+        s = result["arms"][arm.key]
+        c = s["checked"]
+        refused = "" if s["sessions_refused_total"] is None else f" (+{s['sessions_refused_total']} refused)"
+        peak = f"{s['peak_sampler_max']} / {s['peak_tracker_max']}"
+        if s["sampler_refused"]:
+            peak += f" ({s['sampler_refused']} of {s['sampler_attempts']} samples refused)"
+        rows.append(
+            f"| {s['title']} | **{s['median_rps']:.0f}** | {s['q1_rps']:.0f} to {s['q3_rps']:.0f} "
+            f"| {' '.join(f'{x:.0f}' for x in s['rates'])} "
+            f"| {s['sessions_opened_total']}{refused} | {s['sessions_seen_total']} "
+            f"| {' '.join(str(x) for x in s['sessions_opened'])} | {s['sessions_per_1000']:.1f} | {peak} "
+            f"| {s['statements_per_request']:.2f} | {s['worker_cpu_us']:.0f} | {s['db_cpu_us']:.0f} "
+            f"| {s['client_cpu_us']:.0f} | {s['other_cores_median']:.2f} / {s['other_cores_max']:.2f} "
+            f"| {c['requests'] + c['failures']} | {c['http_errors']} | {c['failures']} | {c['wrong']} |"
+        )
+    return rows
+
+
+def _summary_rows(plan: Plan, summary: dict[str, Any]) -> list[str]:
     fams = summary["families"]
     bound = summary["bound"]
+    rows = ["| target | measured | met |", "|---|---|---|"]
+    if "mysql" in fams:
+        m = fams["mysql"]
+        sh, nh = m["arms"][SERVERHOOKS], m["arms"][NOHOOKS]
+        r = m["vs_nohooks"]
+        rows.append(
+            f"| MariaDB: serverhooks at least {MYSQL_RPS_RATIO:g}x the no-hooks requests/s "
+            f"| {_ratio_text(r)}: {sh['median_rps']:.0f} vs {nh['median_rps']:.0f} req/s "
+            f"| {verdict(r['ratio'] >= MYSQL_RPS_RATIO, r['ci'], MYSQL_RPS_RATIO)} |"
+        )
+        limit = _one_in(MYSQL_SESSIONS_FRACTION)
+        per_request = m["sessions_per_request"]
+        rows.append(
+            f"| MariaDB: serverhooks opens at most {limit} of the no-hooks sessions, per request served (the same "
+            f"load) | server counter: {per_request[SERVERHOOKS][0] * 1000:.2f} vs "
+            f"{per_request[NOHOOKS][0] * 1000:.0f} sessions per 1000 requests "
+            f"({_one_in(m['sessions_fraction_per_request'])}); per-database count: "
+            f"{per_request[SERVERHOOKS][1] * 1000:.2f} vs {per_request[NOHOOKS][1] * 1000:.0f} "
+            f"({_one_in(m['sessions_fraction_per_request_seen'])}) "
+            f"| {yes(m['sessions_fraction_per_request'] <= MYSQL_SESSIONS_FRACTION)} (per-database count: "
+            f"{yes(m['sessions_fraction_per_request_seen'] <= MYSQL_SESSIONS_FRACTION)}) |"
+        )
+        rows.append(
+            f"| MariaDB: the same in absolute numbers, over the same load time ({plan.rounds} x "
+            f"{plan.warmup_seconds + plan.window_seconds:g} s per arm, a fresh master each time) "
+            f"| server counter: {sh['sessions_opened_total']} vs {nh['sessions_opened_total']} "
+            f"({_one_in(m['sessions_fraction'])}), while serving {sh['requests_total']} vs {nh['requests_total']} "
+            f"requests; per-database count: {sh['sessions_seen_total']} vs {nh['sessions_seen_total']} "
+            f"({_one_in(m['sessions_fraction_seen'])}) "
+            f"| {yes(m['sessions_fraction'] <= MYSQL_SESSIONS_FRACTION)} (per-database count: "
+            f"{yes(m['sessions_fraction_seen'] <= MYSQL_SESSIONS_FRACTION)}) |"
+        )
+    if "postgres" in fams:
+        p = fams["postgres"]
+        best = p["best_peer"]
+        r = p["vs_best_peer"]
+        rows.append(
+            f"| PostgreSQL: serverhooks at least {PEER_RPS_RATIO:g}x the best peer's requests/s (best: "
+            f"{p['arms'][best]['title']}) | {_ratio_text(r)}: {p['arms'][SERVERHOOKS]['median_rps']:.0f} vs "
+            f"{p['arms'][best]['median_rps']:.0f} req/s "
+            f"| {verdict(r['ratio'] >= PEER_RPS_RATIO, r['ci'], PEER_RPS_RATIO)} |"
+        )
+    peaks = ", ".join(f"{FAMILY_TITLE[f]} {k}: {p}" for f, k, p in summary["serverhooks_peaks"])
+    rows.append(
+        f"| peak concurrent sessions with serverhooks never above workers x POOL_SIZE = {WORKERS} x "
+        f"{summary['pool_size']} = {bound} | max {summary['serverhooks_peak']} ({peaks}) "
+        f"| {yes(summary['serverhooks_peak'] <= bound)} |"
+    )
+    for family, res in fams.items():
+        r = res["vs_sync"]
+        rows.append(
+            f"| {FAMILY_TITLE[family]}: serverhooks / sync-worker ceiling (aim: at least {SYNC_RPS_RATIO:g}) "
+            f"| {_ratio_text(r)}: {res['arms'][SERVERHOOKS]['median_rps']:.0f} vs "
+            f"{res['arms'][SYNC]['median_rps']:.0f} req/s "
+            f"| {verdict(r['ratio'] >= SYNC_RPS_RATIO, r['ci'], SYNC_RPS_RATIO)} |"
+        )
+    bad = answered = 0
+    for res in fams.values():
+        for key, s in res["arms"].items():
+            if key != NOHOOKS:
+                c = s["checked"]
+                bad += c["http_errors"] + c["failures"] + c["wrong"]
+                answered += c["requests"] + c["failures"]
+    rows.append(
+        f"| every answer right, in every arm but no hooks (warm-up included) | {bad} errors or wrong answers in "
+        f"{answered} requests | {yes(bad == 0)} |"
+    )
+    for family, res in fams.items():
+        c = res["arms"][NOHOOKS]["checked"]
+        failed = c["http_errors"] + c["failures"] + c["wrong"]
+        rows.append(
+            f"| (reported, no target) {FAMILY_TITLE[family]}, no hooks: requests that failed "
+            f"| {failed} of {c['requests'] + c['failures']} ({c['http_errors']} HTTP 500, {c['failures']} no answer, "
+            f"{c['wrong']} wrong) | |"
+        )
+    return rows
+
+
+def _setup_lines(plan: Plan, env: dict[str, str], summary: dict[str, Any], costs: dict[str, float]) -> list[str]:
+    size = summary["pool_size"]
+    cost_text = ", ".join(f"{name} {ms:.2f} ms" for name, ms in costs.items())
+    return [
+        "## Setup",
+        "",
+        f"Gunicorn `-w {WORKERS}`, no preload, CONN_MAX_AGE={CONN_MAX_AGE} (the two peers: 0, as they require), "
+        f"`max_requests` 0. Every request is GET {ENDPOINT}?m=<marker> on a fresh unix-socket connection (HTTP/1.0, "
+        "`Connection: close`). Of the test project's views it is the lightest that runs exactly one SELECT "
+        "(`SELECT COUNT(*) FROM sh_hit WHERE marker = %s`; /echo adds an INSERT, /whoami builds a bigger answer); "
+        'nothing inserts, so every right answer is exactly `{"count": 0}`, and every answer is checked. '
+        f"Load: {plan.client_procs} client processes x {plan.client_threads} threads = {plan.concurrency} "
+        f"concurrent connections, each thread one request at a time. {plan.rounds} round(s); in each, every arm "
+        "of a database gets one window in turn (the order rotates by one arm every round): a fresh master on the "
+        f"arm's own database (created once for the run), {plan.warmup_seconds:g} s of warm-up (checked, not timed), "
+        f"{plan.window_seconds:g} s measured, then (serverhooks arms) each worker's `serverhooks.stats()` via "
+        "/whoami; then the master is stopped and the bench waits until the database has no session left.",
+        "",
+        "- **no hooks**: the shipped gunicorn.conf.py without its `from serverhooks.gunicorn import *` line, gevent "
+        "workers (GUNICORN_WORKER_CLASS=gevent).",
+        "- **serverhooks**: the shipped gunicorn.conf.py as it is, gevent workers, the pool on with its default "
+        f"POOL_SIZE ({size}, as the workers resolve it). MariaDB: PyMySQL, and once more with mysqlclient "
+        "(which blocks the gevent hub for each query; serverhooks warns about it).",
+        "- **sync-worker ceiling**: the no-hooks file with GUNICORN_WORKER_CLASS=sync: two processes, one "
+        "persistent session each, the same load queued on the socket; the same driver as the serverhooks arm.",
+        "- **django-db-geventpool** (PostgreSQL): the no-hooks file; bench/settings_peers.py sets ENGINE "
+        "`django_db_geventpool.backends.postgresql_psycopg3`, CONN_MAX_AGE 0, OPTIONS MAX_CONNS = REUSE_CONNS = "
+        f"{size} per worker and Django's own pool off, as its README says for Django 5.1+. It runs `SELECT 1` on "
+        "every connection it hands out again (its `check_usable`): two statements per request.",
+        "- **Django's psycopg pool** (PostgreSQL): the no-hooks file, DATABASE_URL with `?pool=1` (CONN_MAX_AGE 0; "
+        "tests/project/dburl.py gives min_size 2, max_size 4); bench/settings_peers.py raises max_size to "
+        f"{size} per worker, the same bound as serverhooks.",
+        "",
+        "**Sessions opened** are counted on the database server over each master's whole life (warm-up, window, "
+        "stats requests; read again once the master has stopped and its sessions are gone). PostgreSQL: "
+        "`pg_stat_database.sessions` of the arm's own database. MariaDB: the global `Connections` counter, less "
+        "the session sampler's connections and the attempts refused at max_connections "
+        "(`Connection_errors_max_connections`, in brackets). That counter is global: anyone else's connections "
+        "during the window count too. So every window also records the **distinct sessions seen** on the arm's "
+        f"own database, sampled every {plan.tracker_interval * 1e3:.0f} ms on one held admin session (a lower bound: "
+        "a session that opens and closes between samples is missed; the sessions here live as long as a master, or "
+        "until garbage collection), and the connections to MariaDB by anyone during a "
+        f"{plan.gap_seconds:g} s gap before each window. **Peak concurrent sessions**: tests/support/dbserver."
+        f"SessionSampler every {plan.sample_interval * 1e3:.0f} ms (a new admin connection per sample, refused "
+        "when the server is full) / the held-session sampler. **Statements per request**: MariaDB `Com_select` (less "
+        "the sampler's), PostgreSQL transactions (`xact_commit + xact_rollback`; each autocommit statement is "
+        "one) of the arm's own database, over every request the master answered; they include each new session's "
+        "set-up queries (and MariaDB's also anyone else's SELECTs). **CPU per request** (medians over windows): the "
+        "master and its workers; the database server processes (PostgreSQL backends that came and went included; "
+        "anyone else's queries too); the client processes. **Other work**: CPU spent during a window outside the "
+        "bench, its server, clients and the database servers.",
+        "",
+        f"Opening one session, CPU ms in the bench process (mean of 20): {cost_text}. PyMySQL "
+        f"{env['PyMySQL']} builds a TLS context, loading the system CA bundle, for every connection unless told "
+        "`ssl_disabled`, even though this MariaDB has TLS disabled; tests/project/dburl.py does not disable it. "
+        "Every session the no-hooks arm opens pays that in its worker.",
+        "",
+    ]
+
+
+def _family_section(family: str, res: dict[str, Any]) -> list[str]:
+    out = [
+        f"## {FAMILY_TITLE[family]}",
+        "",
+        "| arm | median req/s | 25th to 75th | every window (req/s) | sessions opened, server counter, all windows "
+        "| distinct sessions seen on its database, all windows | opened per window | sessions opened per 1000 "
+        "requests | peak concurrent sessions (SessionSampler / held sampler) | statements per request "
+        "| worker CPU µs/req | database CPU µs/req | client CPU µs/req | other work (cores, median / max) "
+        "| requests | HTTP errors | no answer | wrong answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_arm_rows(family, res),
+        "",
+        f"- serverhooks / no hooks: {_ratio_text(res['vs_nohooks'])}",
+    ]
+    if family == "mysql":
+        out.append(f"- serverhooks with mysqlclient / no hooks: {_ratio_text(res['mysqlclient_vs_nohooks'])}")
+        out.append(f"- serverhooks with mysqlclient / sync-worker ceiling: {_ratio_text(res['mysqlclient_vs_sync'])}")
+    else:
+        for key in PEERS:
+            out.append(f"- serverhooks / {res['arms'][key]['title']}: {_ratio_text(res['vs_peers'][key])}")
+    out.append(f"- serverhooks / sync-worker ceiling: {_ratio_text(res['vs_sync'])}")
+    for key in (SERVERHOOKS, MYSQLCLIENT):
+        if key not in res["arms"]:
+            continue
+        s = res["arms"][key]
+        pool = s["pool"]
+        waits = pool["pool_waits"]
+        each = f", {pool['pool_wait_seconds'] / waits * 1e3:.1f} ms each" if waits else ""
+        out.append(
+            f"- {s['title']}, `serverhooks.stats()` summed over workers and windows: pool_opened "
+            f"{pool['pool_opened']:.0f} (at most {s['pool_opened_per_worker_max']} in one worker), pool_reused "
+            f"{pool['pool_reused']:.0f}, pool_waits {waits:.0f} ({pool['pool_wait_seconds']:.2f} s in all{each}), "
+            f"pool_discarded {pool['pool_discarded']:.0f}, pool_reclaimed {pool['pool_reclaimed']:.0f}"
+        )
+    if family == "mysql":
+        foreign = sum(s["foreign_connections"] for s in res["arms"].values())
+        out.append(f"- connections to MariaDB by anyone else during the gaps before the windows: {foreign}")
+    left = max(s["left_open"] for s in res["arms"].values())
+    if left:
+        out.append(f"- sessions still open 20 s after a master stopped (most in one window): {left}")
+    examples = [f"{s['title']}: `{e}`" for s in res["arms"].values() for e in s["checked"]["examples"][:2]]
+    if examples:
+        out.append("- first problems seen: " + "; ".join(examples))
+    out.append("")
+    return out
+
+
+def render(plan: Plan, env: dict[str, str], summary: dict[str, Any], costs: dict[str, float], took: float) -> str:
     out = [
         "# Gunicorn gevent benchmark: serverhooks' pool against no hooks, its peers and sync workers",
         "",
@@ -806,7 +1059,9 @@ def render(plan: Plan, env: dict[str, str], summary: dict[str, Any], took: float
         "|---|---|",
         f"| date | {env['date']} |",
         f"| machine | {env['cores']} cores ({env['usable_cores']} usable), {env['cpu']}, {env['os']}; shared with "
-        f"other work (load average before: {env['load_before']}; after: {env['load_after']}; {env['load_wait']}) |",
+        f"other work |",
+        f"| load average (1, 5, 15 min) | before: {env['load_before']}; after: {env['load_after']}; "
+        f"{env['load_wait']} |",
         f"| Python | {env['python']} |",
         f"| serverhooks | {env['serverhooks']}, serverhooks/, tests/ and gunicorn.conf.py as committed in "
         f"{env['commit']} (copied to bench/out/gevent/code at the start"
@@ -821,149 +1076,12 @@ def render(plan: Plan, env: dict[str, str], summary: dict[str, Any], took: float
         "",
         "## Summary",
         "",
-        "| target | measured | met |",
-        "|---|---|---|",
+        *_summary_rows(plan, summary),
+        "",
+        *_setup_lines(plan, env, summary, costs),
     ]
-    if "mysql" in fams:
-        m = fams["mysql"]
-        sh, nh = m["arms"][SERVERHOOKS], m["arms"][NOHOOKS]
-        out.append(
-            f"| MariaDB: serverhooks at least {MYSQL_RPS_RATIO:g}x the no-hooks requests/s "
-            f"| {_ratio_text(m['vs_nohooks'])}: {sh['median_rps']:.0f} vs {nh['median_rps']:.0f} req/s "
-            f"| {verdict(m['vs_nohooks']['ratio'] >= MYSQL_RPS_RATIO, m['vs_nohooks']['ci'], MYSQL_RPS_RATIO)} |"
-        )
-        out.append(
-            f"| MariaDB: serverhooks opens at most 1/{1 / MYSQL_SESSIONS_FRACTION:.0f} of the no-hooks sessions "
-            f"| {sh['sessions_opened_total']} vs {nh['sessions_opened_total']} sessions in "
-            f"{plan.rounds} window(s) each (1/{1 / m['sessions_fraction']:.0f}) "
-            f"| {yes(m['sessions_fraction'] <= MYSQL_SESSIONS_FRACTION)} |"
-            if m["sessions_fraction"] > 0
-            else f"| MariaDB: serverhooks opens at most 1/{1 / MYSQL_SESSIONS_FRACTION:.0f} of the no-hooks sessions "
-            f"| {sh['sessions_opened_total']} vs {nh['sessions_opened_total']} | {yes(True)} |"
-        )
-    if "postgres" in fams:
-        p = fams["postgres"]
-        best = p["best_peer"]
-        out.append(
-            f"| PostgreSQL: serverhooks at least {PEER_RPS_RATIO:g}x the best peer's requests/s "
-            f"({p['arms'][best]['title']}) | {_ratio_text(p['vs_best_peer'])}: "
-            f"{p['arms'][SERVERHOOKS]['median_rps']:.0f} vs {p['arms'][best]['median_rps']:.0f} req/s "
-            f"| {verdict(p['vs_best_peer']['ratio'] >= PEER_RPS_RATIO, p['vs_best_peer']['ci'], PEER_RPS_RATIO)} |"
-        )
-    peaks = ", ".join(f"{FAMILY_TITLE[f]} {k}: {p}" for f, k, p in summary["serverhooks_peaks"])
-    out.append(
-        f"| peak concurrent sessions with serverhooks never above workers x POOL_SIZE = {WORKERS} x "
-        f"{summary['pool_size']} = {bound} | max {summary['serverhooks_peak']} ({peaks}) "
-        f"| {yes(summary['serverhooks_peak'] <= bound)} |"
-    )
-    for family, res in fams.items():
-        r = res["vs_sync"]
-        out.append(
-            f"| {FAMILY_TITLE[family]}: serverhooks / sync-worker ceiling (aim: at least {SYNC_RPS_RATIO:g}) "
-            f"| {_ratio_text(r)} | {verdict(r['ratio'] >= SYNC_RPS_RATIO, r['ci'], SYNC_RPS_RATIO)} |"
-        )
-    errors_sh = sum(
-        res["arms"][k]["checked"]["http_errors"]
-        + res["arms"][k]["checked"]["failures"]
-        + res["arms"][k]["checked"]["wrong"]
-        for res in fams.values()
-        for k in res["arms"]
-        if k != NOHOOKS
-    )
-    answered = sum(res["arms"][k]["checked"]["requests"] for res in fams.values() for k in res["arms"] if k != NOHOOKS)
-    out += [
-        f"| every answer right, every arm but no hooks (warm-up included) | {errors_sh} errors or wrong answers in "
-        f"{answered} requests | {yes(errors_sh == 0)} |",
-        "",
-        "## Setup",
-        "",
-        f"Gunicorn `-w {WORKERS}`, no preload, CONN_MAX_AGE={CONN_MAX_AGE} (the peers: 0, as they require), "
-        f"`max_requests` 0. Every request is GET {ENDPOINT}?m=<marker> on a fresh unix-socket connection "
-        "(HTTP/1.0, `Connection: close`): the view runs one SELECT (`SELECT COUNT(*) FROM sh_hit WHERE marker = %s`; "
-        'nothing inserts, so every right answer is exactly `{"count": 0}`, and every answer is checked). '
-        f"Load: {plan.client_procs} client processes x {plan.client_threads} threads = {plan.concurrency} concurrent "
-        f"connections, each thread one request at a time. {plan.rounds} round(s); in each, every arm of a database "
-        "gets a window in turn (the order rotates by one arm every round): a fresh master on the arm's own database "
-        f"(created once for the run), {plan.warmup_seconds:g} s of warm-up (checked, not timed), "
-        f"{plan.window_seconds:g} s measured, then (serverhooks arms) its workers' `serverhooks.stats()` via "
-        "/whoami, then the master is stopped and the bench waits until the database has no session left.",
-        "",
-        "- **no hooks**: the shipped gunicorn.conf.py without its `from serverhooks.gunicorn import *` line, gevent "
-        "workers (GUNICORN_WORKER_CLASS=gevent).",
-        "- **serverhooks**: the shipped gunicorn.conf.py as it is, gevent workers, the pool on with its default "
-        f"POOL_SIZE ({summary['pool_size']}, as the workers resolve it).",
-        "- **sync-worker ceiling**: the no-hooks file with GUNICORN_WORKER_CLASS=sync: two processes, one "
-        "persistent session each, the same load queued on the socket. Same driver as the serverhooks arm.",
-        "- **django-db-geventpool** (PostgreSQL): the no-hooks file, bench/settings_peers.py with ENGINE "
-        "`django_db_geventpool.backends.postgresql_psycopg3`, CONN_MAX_AGE 0, OPTIONS MAX_CONNS = REUSE_CONNS = "
-        f"{summary['pool_size']} per worker and Django's pool off, as its README says for Django 5.1+. It runs "
-        "`SELECT 1` on every connection it hands out (its `check_usable`), so it sends two statements per request.",
-        "- **Django's psycopg pool** (PostgreSQL): the no-hooks file, DATABASE_URL with `?pool=1` (CONN_MAX_AGE 0; "
-        "tests/project/dburl.py gives min_size 2, max_size 4), max_size raised to "
-        f"{summary['pool_size']} per worker in bench/settings_peers.py, the same bound as serverhooks.",
-        "",
-        "Sessions opened are counted on the database server over each master's whole life (warm-up, window and "
-        "the stats requests; the counters are read again once the master has stopped and its sessions are gone): "
-        "PostgreSQL `pg_stat_database.sessions` of the arm's own database; MariaDB the global `Connections` "
-        "counter less the session sampler's own connections and less the attempts refused at max_connections "
-        "(`Connection_errors_max_connections`, shown in brackets). MariaDB's counters are global: the "
-        "connections anyone else made during a 0.5 s gap before each window are counted too, as a check "
-        "(total below the tables). The peak of concurrent sessions is sampled every "
-        f"{plan.sample_interval * 1e3:.0f} ms (tests/support/dbserver.SessionSampler, a new admin connection per "
-        "sample: it is refused too when the server is full, and then the true peak is at the server's limit). "
-        "*Statements per request*: MariaDB `Com_select` (less the sampler's), PostgreSQL transactions "
-        "(`xact_commit + xact_rollback`; each autocommit statement is one) of the arm's database, over every "
-        "request the master answered; they include each new session's set-up queries. CPU per request: "
-        "the master and its workers; the database server processes (PostgreSQL backends that come and go "
-        "included); the client processes. *Other work*: CPU spent during the window outside the bench, its "
-        "server, clients and the database servers.",
-        "",
-    ]
-    for family, res in fams.items():
-        out += [
-            f"## {FAMILY_TITLE[family]}",
-            "",
-            "| arm | median req/s | 25th to 75th | every window (req/s) | sessions opened, all windows "
-            "| per window | sessions per 1000 requests | peak concurrent sessions | statements per request "
-            "| worker CPU µs/req | database CPU µs/req | client CPU µs/req | other work (cores, median / max) "
-            "| requests | HTTP errors | no answer | wrong answer |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-            *_arm_rows(family, res),
-            "",
-        ]
-        lines = [f"serverhooks / no hooks: {_ratio_text(res['vs_nohooks'])}"]
-        if family == "mysql":
-            lines.append(f"serverhooks with mysqlclient / no hooks: {_ratio_text(res['mysqlclient_vs_nohooks'])}")
-        else:
-            for key in PEERS:
-                lines.append(f"serverhooks / {res['arms'][key]['title']}: {_ratio_text(res['vs_peers'][key])}")
-        lines.append(f"serverhooks / sync-worker ceiling: {_ratio_text(res['vs_sync'])}")
-        out += [f"- {line}" for line in lines]
-        for key in (SERVERHOOKS, MYSQLCLIENT):
-            if key not in res["arms"]:
-                continue
-            s = res["arms"][key]
-            pool = s["pool"]
-            waits = pool["pool_waits"]
-            out.append(
-                f"- {s['title']}, `serverhooks.stats()` summed over workers and windows: pool_opened "
-                f"{pool['pool_opened']:.0f} (at most {s['pool_opened_per_worker_max']} in one worker), pool_reused "
-                f"{pool['pool_reused']:.0f}, pool_waits {waits:.0f} ({pool['pool_wait_seconds']:.2f} s in all"
-                + (f", {pool['pool_wait_seconds'] / waits * 1e3:.1f} ms each" if waits else "")
-                + f"), pool_discarded {pool['pool_discarded']:.0f}, pool_reclaimed {pool['pool_reclaimed']:.0f}"
-            )
-        if family == "mysql":
-            foreign = sum(res["arms"][k]["foreign_connections"] for k in res["arms"])
-            out.append(f"- connections to MariaDB by anyone else during the gaps before the windows: {foreign}")
-        left = max(res["arms"][k]["left_open"] for k in res["arms"])
-        if left:
-            out.append(f"- sessions still open 20 s after a master stopped (most in one window): {left}")
-        examples = [
-            f"{res['arms'][k]['title']}: `{e}`" for k in res["arms"] for e in res["arms"][k]["checked"]["examples"][:2]
-        ]
-        if examples:
-            out.append("- first problems seen: " + "; ".join(examples))
-        out.append("")
+    for family, res in summary["families"].items():
+        out += _family_section(family, res)
     return "\n".join(out)
 
 
@@ -999,13 +1117,15 @@ def _max_connections() -> dict[str, str]:
 @contextmanager
 def _scrubbed_environment() -> Iterator[list[str]]:
     """Settings of the caller's shell must not leak into the arms: SERVERHOOKS_* (but the test servers'
-    addresses), GUNICORN_*, WEB_CONCURRENCY, DJANGO_SETTINGS_MODULE, DATABASE_URL, BENCH_PEER*."""
+    addresses), GUNICORN_*, DJANGO_*, BENCH_PEER*, and the test project's other variables."""
+    project = {"WEB_CONCURRENCY", "DATABASE_URL", "DATABASE_ENGINE", "CONN_MAX_AGE", "CONN_HEALTH_CHECKS"}
+    project |= {"CACHE_URL", "QUERY_AT_IMPORT", "PSYCOPG_WAIT_FUNC"}
     removed: dict[str, str] = {}
     for key in list(os.environ):
         if (
             (key.startswith("SERVERHOOKS_") and not key.startswith("SERVERHOOKS_TEST_"))
-            or key.startswith(("GUNICORN_", "BENCH_PEER"))
-            or key in {"WEB_CONCURRENCY", "DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CONN_MAX_AGE", "QUERY_AT_IMPORT"}
+            or key.startswith(("GUNICORN_", "DJANGO_", "BENCH_PEER"))
+            or key in project
         ):
             removed[key] = os.environ.pop(key)
     try:
@@ -1051,18 +1171,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_wait": load_wait,
         }
         print(f"{plan.mode} run; server logs in {OUT_DIR}", flush=True)
+        costs = connect_costs()
         windows, pool_size = run_all(plan, families)
     env["load_after"] = load_average()
     took = time.monotonic() - started
-    summary = summarise(windows, families, pool_size, plan)
+    summary = summarise(windows, families, pool_size)
     raw = {
         "plan": dataclasses.asdict(plan),
         "env": env,
         "windows": [dataclasses.asdict(w) for w in windows],
         "summary": summary,
+        "connect_costs_ms": costs,
     }
     (OUT_DIR / "raw.json").write_text(json.dumps(raw, indent=1))
-    report = render(plan, env, summary, took)
+    report = render(plan, env, summary, costs, took)
     RESULTS_PATH.write_text(report)
     print(report)
     return 0
