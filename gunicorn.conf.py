@@ -19,7 +19,8 @@ def _env_bool(name: str, default: bool) -> bool:
     return os.environ.get(name, "1" if default else "0").strip().lower() in {"1", "true", "yes", "on"}
 
 
-# Where to listen: "127.0.0.1:8000", "unix:/run/gunicorn/gunicorn.sock" or "fd://3" (systemd).
+# Where to listen: "127.0.0.1:8000" or "unix:/run/gunicorn/gunicorn.sock". Under systemd socket
+# activation leave it unset: Gunicorn takes the socket from LISTEN_FDS (deploy/systemd).
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000").split(",")
 # Worker processes. WEB_CONCURRENCY is the de-facto standard variable (Heroku, buildpacks).
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2 + 1))
