@@ -22,7 +22,10 @@ from tests.support import procs
 pytestmark = pytest.mark.deploy
 
 DOCKER = procs.REPO / "deploy" / "docker"
-SCHEMA = procs.REPO.parent / "shared" / "schemas" / "compose-spec.json"
+# A copy of the Compose Specification's schema, so the suite also runs inside the tests
+# container; test_schema_copy_is_current keeps it equal to the project's shared copy.
+SCHEMA = procs.REPO / "tests" / "data" / "compose-spec.json"
+SHARED_SCHEMA = procs.REPO.parent / "shared" / "schemas" / "compose-spec.json"
 
 
 def _compose() -> dict[str, Any]:
@@ -130,3 +133,9 @@ def test_no_literal_credentials_and_every_variable_in_env_example() -> None:
             assert ":" not in credentials or "${" in credentials, f"{path}: a literal password in a URL"
 
     walk(_compose(), "compose")
+
+
+def test_schema_copy_is_current() -> None:
+    if not SHARED_SCHEMA.exists():
+        pytest.skip(f"no shared schema at {SHARED_SCHEMA} to compare with (inside the tests container)")
+    assert json.loads(SCHEMA.read_text()) == json.loads(SHARED_SCHEMA.read_text())
