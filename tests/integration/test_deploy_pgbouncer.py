@@ -141,3 +141,15 @@ def test_gunicorn_through_pgbouncer(
     assert stored == set(run.sent)
     assert 0 < sampler.peak <= pool_size, f"peak {sampler.peak} server sessions, default_pool_size {pool_size}"
     print(f"{worker_class} through PgBouncer: peak {sampler.peak} server sessions for 2000 requests")
+
+
+def test_proxysql_template_without_proxysql() -> None:
+    """ProxySQL is not installed here: check what can be checked without it (README says untested)."""
+    import re
+
+    text = (procs.REPO / "deploy" / "proxysql" / "proxysql.cnf").read_text()
+    assert "UNTESTED HERE" in text
+    assert not re.search(r"(?i)^\s*(password|admin_credentials|monitor_password)\s*=", text, flags=re.M)
+    assert 'interfaces="127.0.0.1:6033"' in text and 'mysql_ifaces="127.0.0.1:6032"' in text
+    assert "multiplexing=true" in text and "hostgroup=0" in text
+    assert "untested here" in (procs.REPO / "deploy" / "proxysql" / "README.md").read_text().lower()

@@ -195,3 +195,12 @@ def test_doctor_commands_run(tmp_path: Path) -> None:
             timeout=60,
         )
         assert out.returncode == 0 and "No problems found." in out.stdout, out.stdout + out.stderr
+
+
+def test_deploy_section_has_a_subsection_per_template_folder() -> None:
+    section = README.split("## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    folders = {path.name for path in (procs.REPO / "deploy").iterdir() if path.is_dir()}
+    for folder in folders:
+        assert f"(`deploy/{folder}/" in section, folder
+    for part in section.split("### ")[1:]:
+        assert all(word in part for word in ("**Copy**", "**Change**", "**Check**")), part[:60]
