@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,10 +117,7 @@ def test_prefork_hooks_arm(
     assert stored == set(markers)
     os.kill(server.pid, signal.SIGTERM)  # warm shutdown
     assert server.proc.wait(60) == 0
-    deadline = time.monotonic() + 10
-    while dbserver.sessions(family, name) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert dbserver.sessions(family, name) == [], "no session of the worker's remains"
+    assert dbserver.wait_sessions_at_most(family, name, 0, timeout=10) == [], "no session of the worker's remains"
     log = server.log()
     assert "Traceback" not in log and "serverhooks: the" not in log, log[-3000:]
 
@@ -157,10 +153,7 @@ def test_threads_and_gevent_pools(
     assert sampler.peak <= bound + 1, sampler.peak  # +1: the main process's own session, if any
     os.kill(server.pid, signal.SIGTERM)
     assert server.proc.wait(60) == 0
-    deadline = time.monotonic() + 10
-    while dbserver.sessions(family, name) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert dbserver.sessions(family, name) == []
+    assert dbserver.wait_sessions_at_most(family, name, 0, timeout=10) == []
 
 
 def test_importing_without_celery_names_the_fix() -> None:

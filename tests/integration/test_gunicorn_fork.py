@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,15 +36,6 @@ def _schema(env: dict[str, str]) -> None:
     subprocess.run(
         [sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env={**env, "PATH": ""}, check=True, timeout=60
     )
-
-
-def _wait_sessions_at_most(family: str, name: str, limit: int, timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    current = dbserver.sessions(family, name)
-    while len(current) > limit and time.monotonic() < deadline:
-        time.sleep(0.1)
-        current = dbserver.sessions(family, name)
-    return current
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
@@ -107,7 +97,7 @@ def test_hooks_arm_nothing_shared_no_wrong_answers(
     assert len(dbserver.sessions(family, name)) <= WORKERS * THREADS[worker_class]
 
     assert server.stop() == 0
-    assert _wait_sessions_at_most(family, name, 0) == [], "a graceful stop leaves no session behind"
+    assert dbserver.wait_sessions_at_most(family, name, 0) == [], "a graceful stop leaves no session behind"
     log = server.log()
     assert not PROTOCOL_ERRORS.search(log), PROTOCOL_ERRORS.search(log)
     assert re.search(r"serverhooks: pid \d+ counters: closed_before_fork=1", log), "the master closed its socket"

@@ -62,15 +62,6 @@ def _start(
     return server
 
 
-def _wait_sessions_at_most(family: str, name: str, limit: int, timeout: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    current = dbserver.sessions(family, name)
-    while len(current) > limit and time.monotonic() < deadline:
-        time.sleep(0.1)
-        current = dbserver.sessions(family, name)
-    return current
-
-
 def test_shipped_ini_has_the_production_options() -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.read_string((procs.REPO / "uwsgi.ini").read_text())
@@ -121,7 +112,7 @@ def test_prefork_hooks_arm(
     assert stored == set(run.sent)
     assert len(dbserver.sessions(family, name)) <= 4
     assert server.stop() in (0, 30)  # 30: uWSGI's exit code after SIGTERM with die-on-term
-    assert _wait_sessions_at_most(family, name, 0) == []
+    assert dbserver.wait_sessions_at_most(family, name, 0) == []
     assert not PROTOCOL_ERRORS.search(server.log())
     if family == "mysql":
         assert dbserver.aborted_clients() == aborted_before, "every session ended with COM_QUIT"
@@ -145,7 +136,7 @@ def test_lazy_apps_with_threads_stay_within_processes_times_threads(
     assert run.ok == 960 and run.wrong == [] and run.failures == [] and run.http_errors == []
     assert sampler.peak <= 4 * 4, sampler.peak
     server.stop()
-    assert _wait_sessions_at_most("mysql", name, 0) == []
+    assert dbserver.wait_sessions_at_most("mysql", name, 0) == []
 
 
 @pytest.mark.parametrize("hooks", [False, True], ids=["control", "hooks"])
@@ -179,7 +170,7 @@ def test_gevent_loop(
         assert run.ok == 500 and run.failures == [] and run.http_errors == []
         assert len(distinct) <= 2 * POOL_SIZE and sampler.peak <= 2 * POOL_SIZE
         server.stop()
-        assert _wait_sessions_at_most(family, name, 0) == [], "closed at exit, where uWSGI skips atexit"
+        assert dbserver.wait_sessions_at_most(family, name, 0) == [], "closed at exit, where uWSGI skips atexit"
     else:
         assert len(distinct) >= 0.9 * run.ok, "a session per client connection"
 
@@ -204,7 +195,7 @@ def test_respawns_and_graceful_reload_leave_nothing_behind(
     run = http.marker_load(server.socket_path, clients=4, per_client=125)
     assert run.ok == 500 and run.wrong == []
     assert len({pid for pid, _ in run.sessions} - first_workers) > 0, "workers were respawned"
-    assert len(_wait_sessions_at_most(family, name, 4)) <= 4
+    assert len(dbserver.wait_sessions_at_most(family, name, 4)) <= 4
 
     os.kill(server.pid, signal.SIGHUP)  # graceful reload
     deadline = time.monotonic() + 30
@@ -213,7 +204,7 @@ def test_respawns_and_graceful_reload_leave_nothing_behind(
     server.wait_ready()
     run = http.marker_load(server.socket_path, clients=4, per_client=10)
     assert run.ok == 40 and run.wrong == []
-    assert len(_wait_sessions_at_most(family, name, 4)) <= 4
+    assert len(dbserver.wait_sessions_at_most(family, name, 4)) <= 4
     if family == "mysql":
         assert dbserver.aborted_clients() == aborted_before, "recycled workers said goodbye"
 

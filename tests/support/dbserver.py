@@ -134,6 +134,19 @@ def aborted_clients() -> int:
     return int(query("mysql", "SHOW GLOBAL STATUS LIKE 'Aborted_clients'")[0][1])
 
 
+def wait_sessions_at_most(family: str, name: str, limit: int, timeout: float = 15.0) -> list[int]:
+    """The sessions on database `name`, polled until at most `limit` remain (bounded by `timeout`).
+
+    A client's close reaches the server's session list a moment later, PostgreSQL's the latest.
+    """
+    deadline = time.monotonic() + timeout
+    current = sessions(family, name)
+    while len(current) > limit and time.monotonic() < deadline:
+        time.sleep(0.1)
+        current = sessions(family, name)
+    return current
+
+
 def sessions_or_none(family: str, name: str, tries: int = 20, pause: float = 0.25) -> list[int] | None:
     """`sessions()`, retried while the server refuses new connections; None if it kept refusing."""
     for _ in range(tries):
