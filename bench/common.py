@@ -10,13 +10,18 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -27,6 +32,52 @@ PYCACHE_DIR = BENCH_DIR / "out" / "pycache"
 FAMILY_TITLE = {"mysql": "MariaDB", "postgres": "PostgreSQL"}
 
 # =========================================================================== statistics
+
+
+class Counts(Protocol):
+    """What a bench's per-thread load counters offer (each bench has its own fields)."""
+
+    failures: int
+    client_cpu_s: float
+
+    def add(self, other: Any) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+
+C = TypeVar("C", bound=Counts)
+
+
+def run_client_threads(
+    thread: Callable[..., None], counts: Callable[[], C], args: tuple[str, int, float, float, int]
+) -> C:
+    """One load-client process: `threads` threads running `thread` from start_at to end_at.
+
+    Returns their summed counts, with the process's CPU time, so a bench can show its client
+    is not the bottleneck. Every join is bounded.
+    """
+    path, threads, start_at, end_at, limit = args
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = usage.ru_utime + usage.ru_stime
+    per_thread = [counts() for _ in range(threads)]
+    prefix = uuid.uuid4().hex[:16]
+    clients = [
+        threading.Thread(target=thread, args=(path, f"{prefix}t{n}", start_at, end_at, limit, per_thread[n]))
+        for n in range(threads)
+    ]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(max(0.0, end_at - time.monotonic()) + 30.0)
+    total = counts()
+    for each in per_thread:
+        total.add(each)
+    if any(t.is_alive() for t in clients):
+        total.failures += 1
+        total.note("a client thread did not finish")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total.client_cpu_s = usage.ru_utime + usage.ru_stime - cpu_before
+    return total
 
 
 def median(values: Sequence[float]) -> float:

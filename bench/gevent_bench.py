@@ -25,14 +25,12 @@ import dataclasses
 import json
 import os
 import re
-import resource
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -52,6 +50,7 @@ from bench.common import (
     machine_busy_seconds,
     median,
     quartiles,
+    run_client_threads,
     schema,
     snapshot_code,
     verdict,
@@ -238,28 +237,7 @@ def _client_thread(path: str, prefix: str, start_at: float, end_at: float, limit
 
 def _client_process(args: tuple[str, int, float, float, int]) -> LoadCounts:
     """One client process: `threads` threads, each a request at a time, from start_at to end_at."""
-    path, threads, start_at, end_at, limit = args
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_before = usage.ru_utime + usage.ru_stime
-    per_thread = [LoadCounts() for _ in range(threads)]
-    prefix = uuid.uuid4().hex[:16]
-    clients = [
-        threading.Thread(target=_client_thread, args=(path, f"{prefix}t{n}", start_at, end_at, limit, per_thread[n]))
-        for n in range(threads)
-    ]
-    for t in clients:
-        t.start()
-    for t in clients:
-        t.join(max(0.0, end_at - time.monotonic()) + 30.0)
-    total = LoadCounts()
-    for counts in per_thread:
-        total.add(counts)
-    if any(t.is_alive() for t in clients):
-        total.failures += 1
-        total.note("a client thread did not finish")
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    total.client_cpu_s = usage.ru_utime + usage.ru_stime - cpu_before
-    return total
+    return run_client_threads(_client_thread, LoadCounts, args)
 
 
 # =========================================================================== CPU: where time goes
