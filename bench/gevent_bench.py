@@ -670,8 +670,8 @@ def connect_costs(rounds: int = 20) -> dict[str, float]:
 
     from tests.support import dbserver
 
-    my = dbserver._params(dbserver.server_url("mysql"))
-    pg = dbserver._params(dbserver.server_url("postgres"))
+    my = dbserver.connection_params(dbserver.server_url("mysql"))
+    pg = dbserver.connection_params(dbserver.server_url("postgres"))
     mysql_kwargs = {"host": my["host"], "port": my["port"] or 3306, "user": my["user"], "password": my["password"]}
     openers: dict[str, Any] = {
         "PyMySQL": lambda: pymysql.connect(**mysql_kwargs, database=my["name"]),

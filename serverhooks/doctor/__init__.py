@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[Finding], list[live.P
     findings: list[Finding] = []
     processes = None
     if args.pid is not None:
-        kind, processes = live.inspect(args.pid)
+        kind, processes = live.inspect(args.pid, extra_ports=deployment.database_ports())
         header.append(f"serverhooks doctor: live {kind} master {args.pid} and {len(processes) - 1} worker(s)")
         findings += live.shared_socket_findings(kind, processes)
         return header, findings, processes

@@ -283,6 +283,30 @@ def read_django(live: bool) -> Django | None:
     )
 
 
+def database_ports() -> dict[int, str]:
+    """{port: vendor} of the TCP databases in DJANGO_SETTINGS_MODULE's DATABASES; {} when unknown.
+
+    Live mode recognises the usual ports by itself; these add a server on another port.
+    Reading them connects to nothing, and any failure just leaves live mode with the usual ones.
+    """
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return {}
+    _importable_from_here()
+    try:
+        from django.conf import settings
+
+        configured = dict(settings.DATABASES)
+    except Exception:
+        return {}
+    ports: dict[int, str] = {}
+    for settings_dict in configured.values():
+        engine = str(settings_dict.get("ENGINE", ""))
+        vendor = next((v for v in ("mysql", "postgresql") if v in engine), None)
+        if vendor and str(settings_dict.get("PORT") or "").isdigit():
+            ports[int(settings_dict["PORT"])] = vendor
+    return ports
+
+
 def _read_live(wrapper: Any, database: Database) -> None:
     """wait_timeout and max_connections from the server itself; never fails the doctor."""
     try:

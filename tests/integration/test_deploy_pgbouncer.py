@@ -54,7 +54,10 @@ def pgbouncer(request: pytest.FixtureRequest, fresh_database: Callable[[str], st
     work = Path(tempfile.mkdtemp(prefix="sh-pgbouncer-"))
     work.chmod(0o755)
     config = _shipped()
-    config["databases"] = {name: f"host={server.hostname} port={server.port or 5432} dbname={name}"}
+    # The server may ask for a password: PgBouncer then logs in as this user with it (it takes a
+    # password= from here only together with user=).
+    login = f" user={server.username or 'postgres'} password={server.password}" if server.password else ""
+    config["databases"] = {name: f"host={server.hostname} port={server.port or 5432} dbname={name}{login}"}
     port = _free_port()
     config["pgbouncer"].update(
         listen_port=str(port),

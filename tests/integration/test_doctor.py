@@ -56,8 +56,16 @@ def gunicorn_conf(tmp_path: Path, body: str, hooks: bool = False) -> str:
     return str(path)
 
 
-MYSQL = "mysql://root@127.0.0.1:3306/test"
-PG = "postgres://postgres@127.0.0.1:5432/test"
+# The servers the suite was pointed at (SERVERHOOKS_TEST_*_URL), never a hard-coded one: inside
+# the tests container on host networking, 127.0.0.1:3306 would be this machine's own server.
+MYSQL = dbserver.server_url("mysql")
+PG = dbserver.server_url("postgres")
+
+
+def with_driver(url: str, driver: str) -> str:
+    """`mysql://...` -> `mysql+pymysql://...` (only the scheme: a user may be called "postgres")."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}+{driver}://{rest}"
 
 
 @pytest.fixture(autouse=True)
@@ -89,12 +97,12 @@ def test_w001_forking_after_loading_with_persistent_connections(server: str, tmp
 def test_w002_gevent_with_mysqlclient(tmp_path: Path) -> None:
     conf = ["-c", gunicorn_conf(tmp_path, "worker_class = 'gevent'", hooks=True)]
     assert "serverhooks.W002" in ids(conf, {"DATABASE_URL": MYSQL})
-    assert "serverhooks.W002" not in ids(conf, {"DATABASE_URL": MYSQL.replace("mysql:", "mysql+pymysql:")})
+    assert "serverhooks.W002" not in ids(conf, {"DATABASE_URL": with_driver(MYSQL, "pymysql")})
 
 
 def test_w003_gevent_with_psycopg2_without_psycogreen(tmp_path: Path) -> None:
     conf = ["-c", gunicorn_conf(tmp_path, "worker_class = 'gevent'", hooks=True)]
-    env = {"DATABASE_URL": PG.replace("postgres:", "postgres+psycopg2:")}
+    env = {"DATABASE_URL": with_driver(PG, "psycopg2")}
     assert "serverhooks.W003" in ids(conf, env, prelude=BLOCK_PSYCOGREEN)
     assert "serverhooks.W003" not in ids(conf, env)
 
@@ -145,7 +153,7 @@ def test_w009_forwarded_allow_ips_star(tmp_path: Path) -> None:
 
 
 def test_the_shipped_configs_are_clean() -> None:
-    env = {"DATABASE_URL": MYSQL.replace("mysql:", "mysql+pymysql:"), "GUNICORN_CONTROL_SOCKET_DISABLE": 1}
+    env = {"DATABASE_URL": with_driver(MYSQL, "pymysql"), "GUNICORN_CONTROL_SOCKET_DISABLE": 1}
     assert ids(["-c", "gunicorn.conf.py", "--ini", "uwsgi.ini"], env) == set()
 
 

@@ -30,7 +30,7 @@ def server_url(family: str) -> str:
     return os.environ.get(f"SERVERHOOKS_TEST_{family.upper()}_URL") or DEFAULT_URLS[family]
 
 
-def _params(url: str) -> dict[str, Any]:
+def connection_params(url: str) -> dict[str, Any]:
     parts = urlsplit(url)
     return {
         "host": parts.hostname or "127.0.0.1",
@@ -42,9 +42,11 @@ def _params(url: str) -> dict[str, Any]:
 
 
 @contextmanager
-def admin(family: str, database: str | None = None) -> Iterator[Any]:
-    """An autocommit admin connection (not through Django, not through serverhooks)."""
-    p = _params(server_url(family))
+def admin(family: str, database: str | None = None, url: str | None = None) -> Iterator[Any]:
+    """An autocommit admin connection (not through Django, not through serverhooks).
+
+    To the server the suite was pointed at, or to the one `url` names."""
+    p = connection_params(url or server_url(family))
     if family == "mysql":
         conn: Any = pymysql.connect(
             host=p["host"],
