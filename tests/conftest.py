@@ -82,3 +82,18 @@ def project_env(database_url: str, **extra: Any) -> dict[str, str]:
     env = {"DATABASE_URL": database_url, "DJANGO_SETTINGS_MODULE": "tests.project.settings"}
     env.update({key: str(value) for key, value in extra.items()})
     return env
+
+
+_report_lines: list[str] = []
+
+
+def report(line: str) -> None:
+    """A figure worth keeping (build times, counts): printed in the run's summary, even on success."""
+    _report_lines.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _report_lines:
+        terminalreporter.section("figures")
+        for line in _report_lines:
+            terminalreporter.write_line(line)

@@ -1,7 +1,6 @@
-"""The Docker templates, checked with real tools: hadolint, and the Compose Specification schema.
+"""The Docker templates' text, checked with real tools: hadolint, and the Compose Specification schema.
 
-Docker itself cannot run on this machine: building the image and running the stack is
-what `docker compose -f deploy/docker/compose.yml run --rm tests` does on yours.
+Building the images and running the stack in a real engine is tests/integration/test_docker.py.
 """
 
 from __future__ import annotations
