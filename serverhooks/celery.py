@@ -8,8 +8,10 @@ signal                                 what serverhooks does
 worker_init (main process)             track connections, arm the fork guard
 worker_process_init (pool child)       abandon inherited connections (no network I/O)
 worker_ready (main process)            gevent/eventlet-less pools: prepare the worker
+task_prerun (where the task runs)      replace idle sessions the server ended (no round trip)
 task_postrun (where the task ran)      release: back to the gevent pool, or close
                                        connections that are obsolete or broken
+                                       (eager tasks: nothing, they are the caller's)
 worker_process_shutdown (pool child)   close cleanly
 worker_shutdown (main process)         close cleanly
 =====================================  ===========================================
@@ -38,6 +40,7 @@ from serverhooks._log import never_raise
 
 __all__ = [
     "on_task_postrun",
+    "on_task_prerun",
     "on_worker_init",
     "on_worker_process_init",
     "on_worker_process_shutdown",
@@ -72,15 +75,35 @@ def on_worker_ready(**kwargs: Any) -> None:
         lifecycle.prepare_worker()
 
 
-def on_task_postrun(**kwargs: Any) -> None:
+def _is_eager(task: Any) -> bool:
+    """`apply()` and `task_always_eager` run the task inline, in the caller's thread: its
+    connections are the caller's, maybe inside the caller's `atomic()`. Celery's own
+    Django fixup leaves them alone too."""
+    return bool(getattr(getattr(task, "request", None), "is_eager", False))
+
+
+def on_task_prerun(task: Any = None, **kwargs: Any) -> None:
+    """Where the task runs, before it starts: replace idle sessions the server ended."""
+    with _guarded("task_prerun"):
+        if _is_eager(task) or not conf.get("CHECK_IDLE_SESSIONS"):
+            return
+        if _django.loaded_db() is not None:
+            from serverhooks import health
+
+            health.close_ended_in_this_thread()
+
+
+def on_task_postrun(task: Any = None, **kwargs: Any) -> None:
     """Where the task ran: give its connections back.
 
     Under the gevent pool they return to serverhooks' pool. Elsewhere a worker
     process or thread runs task after task, so persistent connections stay, and
     only broken or expired ones (CONN_MAX_AGE) are closed, as Django does at the
-    end of a request.
+    end of a request. Eager tasks are the caller's business: nothing is released.
     """
     with _guarded("task_postrun"):
+        if _is_eager(task):
+            return
         gevent_pool = sys.modules.get("serverhooks.pool")
         if gevent_pool is not None and gevent_pool.active():
             gevent_pool.release_current()
@@ -105,6 +128,7 @@ _CONNECTIONS = {
     signals.worker_init: on_worker_init,
     signals.worker_process_init: on_worker_process_init,
     signals.worker_ready: on_worker_ready,
+    signals.task_prerun: on_task_prerun,
     signals.task_postrun: on_task_postrun,
     signals.worker_process_shutdown: on_worker_process_shutdown,
     signals.worker_shutdown: on_worker_shutdown,

@@ -118,6 +118,28 @@ SETTINGS: tuple[Setting, ...] = (
         "naming this setting.",
     ),
     Setting(
+        "CHECK_IDLE_SESSIONS",
+        True,
+        _parse_bool,
+        "At the start of each request or task, and at each pool checkout, look at each idle persistent "
+        "connection's socket (one `poll()`, no round trip) and replace a session the server ended "
+        "(`KILL`, an idle timeout, a restart) before the request uses it.",
+    ),
+    Setting(
+        "CLOSE_INTERRUPTED",
+        True,
+        _parse_bool,
+        "Close a connection whose query was cut short by anything but a database error (a timeout, "
+        "`GreenletExit`, a cancelled task), so that the reply still on its way never reaches another query.",
+    ),
+    Setting(
+        "EXIT_WAIT",
+        5.0,
+        _parse_seconds,
+        "Seconds a worker's exit waits for other threads still inside a query before it closes their "
+        "connections; those still busy then are left to the operating system, and counted.",
+    ),
+    Setting(
         "STATS_LOG_LEVEL",
         "DEBUG",
         _parse_level,

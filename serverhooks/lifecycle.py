@@ -21,12 +21,13 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from typing import Any
 
 from serverhooks import _django, conf, sockets
 from serverhooks._log import describe_error, logger, redact, remember_secret
-from serverhooks.stats import counters, reset_for_new_process
+from serverhooks.stats import counters
 
 # Every DatabaseWrapper that connected in this process, in any thread, by id().
 # A connection of another thread is only reachable through this map.
@@ -35,8 +36,10 @@ _tracking = False
 # Strong references held across a guarded fork, see `hold_for_fork`.
 _held_for_fork: list[tuple[Any, Any]] = []
 _abandoned_in_pid: int | None = None
-# Set by the parent in `hold_for_fork`: did anything need abandoning at that fork?
-_fork_has_work = True
+# Set by the parent in `hold_for_fork`, just before a fork: did anything need abandoning?
+# None means "not known for this fork" (the handler did not run, or failed): the child
+# then does the full abandon. The parent resets it right after each fork.
+_fork_has_work: bool | None = None
 
 
 # --------------------------------------------------------------------------- tracking
@@ -50,6 +53,10 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
 
     _tracked[key] = weakref.ref(connection, forget)
     remember_secret(connection.settings_dict.get("PASSWORD"))
+    if conf.get("CLOSE_INTERRUPTED"):
+        from serverhooks import cursorguard  # imports django.db.utils: only once django.db is loaded
+
+        cursorguard.guard(connection)
 
 
 def start_tracking() -> None:
@@ -188,6 +195,7 @@ def hold_for_fork() -> None:
     `abandon_inherited` to detach quietly.
     """
     global _fork_has_work
+    _fork_has_work = None  # until the answer below is complete
     _held_for_fork[:] = [(w, w.connection) for w in _all_wrappers() if w.connection is not None]
     gevent_pool = sys.modules.get("serverhooks.pool")
     _fork_has_work = bool(
@@ -199,8 +207,10 @@ def hold_for_fork() -> None:
 
 
 def release_hold() -> None:
-    """Parent, right after a fork: the references are no longer needed."""
+    """Parent, right after a fork: the references are no longer needed, nor is the answer."""
+    global _fork_has_work
     _held_for_fork.clear()
+    _fork_has_work = None
 
 
 def abandon_inherited_after_guarded_fork() -> int:
@@ -211,10 +221,9 @@ def abandon_inherited_after_guarded_fork() -> int:
     fault, and those dominate the cost of the full scan.
     """
     global _abandoned_in_pid, _tracked
-    if _fork_has_work:
+    if _fork_has_work is not False:
         return abandon_inherited()
     _abandoned_in_pid = os.getpid()
-    reset_for_new_process()
     _tracked = {}
     return 0
 
@@ -242,18 +251,20 @@ def abandon_inherited() -> int:
 
     Nothing is written to any inherited socket, now or later; the parent's sessions
     keep working. Idempotent per process: the fork guard and a server's post-fork
-    hook may both call it. Returns how many connections were abandoned.
+    hook may both call it. It counts as done only once every step has run, so a step
+    that failed is tried again by the next call. Returns how many connections were
+    abandoned.
     """
     global _abandoned_in_pid, _tracked
     pid = os.getpid()
     if _abandoned_in_pid == pid:
         return 0
-    _abandoned_in_pid = pid
-    reset_for_new_process()
-    stats = counters()
+    stats = counters()  # a new pid starts from zero
     if _django.loaded_db() is None:
         _held_for_fork.clear()
+        _abandoned_in_pid = pid
         return 0
+    before = stats.abandoned_after_fork
     for wrapper in _all_wrappers():
         raw = wrapper.connection
         if raw is None:
@@ -269,16 +280,28 @@ def abandon_inherited() -> int:
                 describe_error(exc),
             )
         _forget_connection(wrapper)
-    _abandon_pools(stats)
-    _forget_caches()
-    gevent_pool = sys.modules.get("serverhooks.pool")
-    if gevent_pool is not None:
-        gevent_pool.forget_after_fork()
+    complete = True
+    for step in (_abandon_pools, _forget_caches, _forget_pooled):
+        try:
+            step(stats)
+        except Exception as exc:
+            complete = False
+            stats.errors += 1
+            logger.warning("serverhooks: after fork, %s failed: %s", step.__name__.strip("_"), describe_error(exc))
+    if not complete:
+        return stats.abandoned_after_fork - before
     _held_for_fork.clear()
     # The wrappers of the parent's other threads are unreachable here now.
     _tracked = {}
+    _abandoned_in_pid = pid
     logger.debug("serverhooks: pid %d abandoned %d inherited connection(s)", pid, stats.abandoned_after_fork)
-    return stats.abandoned_after_fork
+    return stats.abandoned_after_fork - before
+
+
+def _forget_pooled(stats: Any) -> None:
+    gevent_pool = sys.modules.get("serverhooks.pool")
+    if gevent_pool is not None:
+        gevent_pool.forget_after_fork()
 
 
 def _abandon_pools(stats: Any) -> None:
@@ -295,7 +318,7 @@ def _abandon_pools(stats: Any) -> None:
         stats.abandoned_after_fork += len(idle)
 
 
-def _forget_caches() -> None:
+def _forget_caches(stats: Any = None) -> None:
     """Give the child fresh cache clients instead of the parent's sockets."""
     cache_module = sys.modules.get("django.core.cache")
     if cache_module is None:
@@ -334,10 +357,22 @@ def prepare_worker(*, probe_databases: bool = False) -> None:
 
     if greenlets.gevent_patched():
         greenlets.prepare_gevent_worker()
+    from django.core.signals import request_started
+
+    # After Django's own close_old_connections (connected when django.db was imported).
+    request_started.connect(_on_request_started, dispatch_uid="serverhooks.request_started")
     if probe_databases and conf.get("PROBE_DATABASES"):
         from serverhooks.probe import probe_in_background
 
         probe_in_background()
+
+
+def _on_request_started(**kwargs: Any) -> None:
+    """A request starts: replace this thread's idle sessions that the server ended meanwhile."""
+    if conf.get("CHECK_IDLE_SESSIONS"):
+        from serverhooks import health
+
+        health.close_ended_in_this_thread()
 
 
 def close_wrapper(wrapper: Any) -> bool:
@@ -368,6 +403,11 @@ def release_connections() -> int:
     gevent_pool = sys.modules.get("serverhooks.pool")
     released = gevent_pool.release_current() if gevent_pool is not None and gevent_pool.active() else 0
     for wrapper in _this_thread_wrappers():
+        if wrapper.in_atomic_block:
+            # The caller's transaction is still open (`with releasing():` inside `atomic()`):
+            # closing would end it behind the caller's back. Its end closes nothing either;
+            # the next release after the block does.
+            continue
         try:
             if close_wrapper(wrapper):
                 released += 1
@@ -385,7 +425,20 @@ def close_at_exit() -> None:
     """
     if _django.loaded_db() is not None:
         stats = counters()
-        for wrapper in _all_wrappers():
+        wrappers = _all_wrappers()
+        busy = _wait_until_idle(wrappers, conf.get("EXIT_WAIT"))
+        for wrapper in wrappers:
+            if id(wrapper) in busy:
+                # Another thread is inside a query on it: closing from here could crash the
+                # driver (mysqlclient). The OS closes the socket when the process exits.
+                stats.busy_at_exit += 1
+                logger.warning(
+                    "serverhooks: at exit, another thread is still inside a query on %s after %s s; "
+                    "leaving that connection to the operating system.",
+                    _django.describe_alias(wrapper.alias, wrapper.settings_dict),
+                    conf.get("EXIT_WAIT"),
+                )
+                continue
             try:
                 if close_wrapper(wrapper):
                     stats.closed_at_exit += 1
@@ -403,6 +456,19 @@ def close_at_exit() -> None:
                 logger.warning("serverhooks: closing the pool of %r at exit failed: %s", alias, describe_error(exc))
     level = logging.getLevelName(conf.get("STATS_LOG_LEVEL"))
     logger.log(level, "serverhooks: pid %d counters: %s", os.getpid(), redact(_format_counters()))
+
+
+def _wait_until_idle(wrappers: list[Any], seconds: float) -> set[int]:
+    """ids of the wrappers still inside a query in another thread after `seconds` (polled, bounded)."""
+    from serverhooks import cursorguard
+
+    me = threading.get_ident()
+    deadline = time.monotonic() + seconds
+    while True:
+        busy = {id(w) for w in wrappers if w.connection is not None and w._thread_ident != me and cursorguard.busy(w)}
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.02)
 
 
 def _format_counters() -> str:

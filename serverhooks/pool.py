@@ -25,18 +25,15 @@ from typing import Any
 from django.db import connections as django_connections
 from django.db.backends.signals import connection_created
 from django.db.utils import OperationalError
-from gevent import getcurrent, monkey
+from gevent import getcurrent
 from gevent.lock import BoundedSemaphore
 
-from serverhooks import sockets
+from serverhooks import conf, cursorguard, health, sockets
 from serverhooks._log import describe_error, logger
 from serverhooks.stats import counters
 
 # Typed loosely: serverhooks works with the handler's internals (_connections, __class__).
 connections: Any = django_connections
-# The real poll(): a zero-timeout readiness check must not yield to the hub.
-_original_poll = monkey.get_original("select", "poll")
-_POLL_MASK = 0x001 | 0x002 | 0x008 | 0x010 | 0x020  # POLLIN, POLLPRI, POLLERR, POLLHUP, POLLNVAL
 
 
 class PoolTimeout(OperationalError):
@@ -112,20 +109,22 @@ class GreenletPool:
             return wrapper
         fresh: Any = connections.create_connection(self.alias)
         fresh._serverhooks_pool = self
+        if conf.get("CLOSE_INTERRUPTED"):
+            cursorguard.guard(fresh)  # a query cut short closes it: nothing reaches the next holder
         return fresh
 
     def _drop_dead_session(self, wrapper: Any) -> None:
         """Close an idle connection that expired or that the server ended (KILL, restart).
 
-        The check costs one poll() syscall: an idle session has nothing to read, so
-        readability means an error packet, EOF or an unexpected message; only then
-        is the session asked (a round trip) whether it is usable.
+        The check costs one poll() syscall and no round trip (`serverhooks.health`).
         """
         if wrapper.connection is None:
             return
         expired = wrapper.close_at is not None and time.monotonic() >= wrapper.close_at
-        if expired or (_socket_has_news(wrapper.connection) and not _is_usable(wrapper)):
+        ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection)
+        if expired or ended:
             counters().pool_discarded += 1
+            counters().closed_unhealthy += bool(ended)
             _close_quietly(wrapper)
         if hasattr(wrapper, "ensure_timezone") and wrapper.connection is not None:
             # PostgreSQL: a request may have run SET TIME ZONE; restore Django's.
@@ -176,7 +175,11 @@ class GreenletPool:
     def _hold(self, wrapper: Any) -> None:
         current = getcurrent()
         holding = self._holdings.get(id(current))
-        if holding is None or holding.greenlet() is not current:
+        if holding is not None and holding.greenlet() is not current:
+            # An id is reused once its greenlet is gone: what that one held comes back first.
+            self._reclaim(id(current))
+            holding = None
+        if holding is None:
             holding = self._holdings[id(current)] = _Holding(weakref.ref(current), [])
         holding.wrappers.append(wrapper)
         if hasattr(current, "rawlink") and current not in self._linked:
@@ -240,22 +243,6 @@ def _close_quietly(wrapper: Any) -> None:
     except Exception as exc:
         logger.debug("serverhooks: closing a pooled connection: %s", describe_error(exc))
         wrapper.connection = None
-
-
-def _socket_has_news(raw: Any) -> bool:
-    fd = sockets.socket_fd(raw)
-    if fd is None or fd < 0:
-        return False
-    poller = _original_poll()
-    poller.register(fd, _POLL_MASK)
-    return bool(poller.poll(0))
-
-
-def _is_usable(wrapper: Any) -> bool:
-    try:
-        return bool(wrapper.is_usable())
-    except Exception:
-        return False
 
 
 def _driver_in_transaction(raw: Any) -> bool:

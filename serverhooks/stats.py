@@ -36,6 +36,13 @@ class Counters:
     #: gevent pool: checkouts that had to wait, and the seconds spent waiting.
     pool_waits: int = 0
     pool_wait_seconds: float = 0.0
+    #: Connections closed because a query on them was cut short by something other than a database
+    #: error (a timeout, GreenletExit, a cancelled task): the reply may still be on its way.
+    closed_interrupted: int = 0
+    #: Idle sessions the server had ended (KILL, idle timeout, restart), closed before a request used them.
+    closed_unhealthy: int = 0
+    #: Connections left open at exit because another thread was still inside a query on them.
+    busy_at_exit: int = 0
     #: Close attempts that failed and were logged instead of raised.
     errors: int = 0
 

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from serverhooks import _django
+from serverhooks import _django, conf, health
 from serverhooks.lifecycle import close_wrapper, release_connections
 
 __all__ = ["Thread", "ThreadPoolExecutor", "releasing"]
@@ -97,14 +97,20 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
 
     def _remembering(self, function: Callable[P, R]) -> Callable[P, R]:
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            db = _django.loaded_db()
+            if db is not None and conf.get("CHECK_IDLE_SESSIONS"):
+                health.close_ended_in_this_thread()  # e.g. after a database restart
             try:
                 return function(*args, **kwargs)
             finally:
-                db = _django.loaded_db()
                 if db is not None:
+                    used = list(db.connections.all(initialized_only=True))
                     with self._used_lock:
-                        for wrapper in db.connections.all(initialized_only=True):
-                            self._used_wrappers[id(wrapper)] = wrapper
+                        self._used_wrappers.update((id(wrapper), wrapper) for wrapper in used)
+                    for wrapper in used:
+                        # As Django at a request's end: CONN_MAX_AGE, and broken sessions.
+                        if not wrapper.in_atomic_block:
+                            wrapper.close_if_unusable_or_obsolete()
 
         return run
 

@@ -5,6 +5,7 @@ CONN_MAX_AGE       seconds, default 3600 (the setting that makes fork inheritanc
 CONN_HEALTH_CHECKS "1" turns Django's health checks on
 DJANGO_DEBUG       "1" sets DEBUG = True
 CACHE_URL          redis://... makes the default cache Django's RedisCache
+MYSQL_INIT_COMMAND MySQL's init_command, run on every new session
 DATABASE_ENGINE    replaces ENGINE (the bad-input tests)
 SERVERHOOKS_APP    "1" adds "serverhooks" to INSTALLED_APPS (the fork guard everywhere)
 """
@@ -40,6 +41,8 @@ if os.environ.get("SERVERHOOKS_APP") == "1":
 MIDDLEWARE: list[str] = []
 DATABASES = {"default": dburl.parse(DATABASE_URL, int(os.environ.get("CONN_MAX_AGE", "3600")))}
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = os.environ.get("CONN_HEALTH_CHECKS") == "1"
+if os.environ.get("MYSQL_INIT_COMMAND"):  # e.g. "SET SESSION wait_timeout=2" (the fault tests)
+    DATABASES["default"]["OPTIONS"]["init_command"] = os.environ["MYSQL_INIT_COMMAND"]
 if os.environ.get("DATABASE_ENGINE"):  # the bad-input tests' wrong ENGINE
     DATABASES["default"]["ENGINE"] = os.environ["DATABASE_ENGINE"]
 if os.environ.get("CACHE_URL"):

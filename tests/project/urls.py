@@ -14,4 +14,7 @@ urlpatterns = [
     path("state", views.state),
     path("spawn-and-forget", views.spawn_and_forget),
     path("count", views.count),
+    path("cut", views.cut),
+    path("listen", views.listen),
+    path("notifications", views.notifications),
 ]

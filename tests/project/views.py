@@ -155,3 +155,51 @@ def count(request: HttpRequest) -> JsonResponse:
     with connection.cursor() as cursor:
         cursor.execute("SELECT COUNT(*) FROM sh_hit WHERE marker = %s", [marker])
         return JsonResponse({"count": cursor.fetchone()[0]})
+
+
+# A query that takes long (think) or returns 10 MB with a pause halfway (reply).
+SLOW_SQL = {
+    ("mysql", "think"): "SELECT SLEEP(0.3)",
+    ("postgresql", "think"): "SELECT pg_sleep(0.3)",
+    ("mysql", "reply"): "SELECT seq, REPEAT('x', 1000000), IF(seq = 5, SLEEP(0.3), 0) FROM seq_1_to_10",
+    ("postgresql", "reply"): (
+        "SELECT i, repeat('x', 1000000), CASE WHEN i = 5 THEN pg_sleep(0.3) END FROM generate_series(1, 10) i"
+    ),
+}
+
+
+def cut(request: HttpRequest) -> JsonResponse:
+    """A view with a time budget (gevent): a slow query inside gevent.Timeout, caught, and 200."""
+    import gevent
+
+    budget = float(request.GET.get("budget", "0.05"))
+    kind = request.GET.get("kind", "think")
+    connection.ensure_connection()  # the budget is the query's, not the wait for a pooled connection
+    try:
+        with gevent.Timeout(budget), connection.cursor() as cursor:
+            cursor.execute(SLOW_SQL[(connection.vendor, kind)])
+            cursor.fetchall()
+    except gevent.Timeout:
+        return JsonResponse({"cut": True, "pid": os.getpid()})
+    return JsonResponse({"cut": False, "pid": os.getpid()})
+
+
+def listen(request: HttpRequest) -> JsonResponse:
+    """PostgreSQL: LISTEN on this request's session, as an app that wants NOTIFY does."""
+    channel = request.GET.get("channel", "serverhooks")
+    with connection.cursor() as cursor:
+        cursor.execute(f'LISTEN "{channel}"')
+    return JsonResponse({"pid": os.getpid(), "session": _session_id()})
+
+
+def notifications(request: HttpRequest) -> JsonResponse:
+    """PostgreSQL: the payloads of notifications waiting for this request's session."""
+    connection.ensure_connection()
+    raw = connection.connection
+    if hasattr(raw, "notifies") and callable(raw.notifies):  # psycopg 3
+        payloads = [n.payload for n in raw.notifies(timeout=0.5, stop_after=1)]
+    else:  # psycopg2
+        raw.poll()
+        payloads = [n.payload for n in raw.notifies]
+        raw.notifies.clear()
+    return JsonResponse({"session": _session_id(), "payloads": payloads})

@@ -91,8 +91,10 @@ def reachable(family: str) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def query(family: str, sql: str, params: tuple[Any, ...] = (), database: str | None = None) -> list[tuple[Any, ...]]:
-    with admin(family, database) as conn:
+def query(
+    family: str, sql: str, params: tuple[Any, ...] = (), database: str | None = None, url: str | None = None
+) -> list[tuple[Any, ...]]:
+    with admin(family, database, url) as conn:
         cur = conn.cursor()
         cur.execute(sql, params)
         return list(cur.fetchall()) if cur.description else []

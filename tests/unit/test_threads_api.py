@@ -106,7 +106,8 @@ def test_drop_in_behaviour_and_release(tmp_path: Path) -> None:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.project.settings",
         "DATABASE_URL": f"sqlite:///{tmp_path}/threads.sqlite3",
-        "CONN_MAX_AGE": "0",
+        # Persistent, so release="thread" has something to keep between tasks (it applies CONN_MAX_AGE).
+        "CONN_MAX_AGE": "600",
     }
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=procs.REPO, env=env, capture_output=True, text=True, timeout=120

@@ -1,0 +1,151 @@
+"""Spot a session the server ended, before a request uses it, without a round trip.
+
+A persistent connection can die while idle: `KILL` / `pg_terminate_backend`, the server's
+idle timeout (`wait_timeout`, `idle_session_timeout`), a restart. Django finds out only
+when the next request's first query fails, and `CONN_HEALTH_CHECKS=True` avoids that
+with a round trip to the database on every request.
+
+An idle session's socket tells the same for one `poll()`: a healthy idle session has
+nothing to read. Readable means the server closed it, sent an error before closing, or
+sent something a healthy session can receive too, which only PostgreSQL does
+(`NOTIFY` to a session that `LISTEN`s, `ParameterStatus`). MySQL never sends anything to
+an idle session, so for MySQL readable means ended. For PostgreSQL the waiting bytes are
+peeked at, not read (the driver still gets them): only asynchronous messages mean a
+healthy session. Under TLS they cannot be parsed, so the driver's own non-blocking read
+takes them in (a notification waits in its queue for the app; an EOF fails the read).
+
+Not seen: a peer that vanished without a FIN (a network partition, a host that lost
+power). Only a round trip or TCP keepalives find those.
+"""
+
+from __future__ import annotations
+
+import _socket
+import select
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from serverhooks import sockets
+from serverhooks._log import describe_error, logger
+from serverhooks.stats import counters
+
+__all__ = ["close_ended_in_this_thread", "close_if_ended", "session_ended"]
+
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+_PSYCOPG_CONNECTION_OK = 0  # libpq's CONNECTION_OK
+_PEEK_BYTES = 4096
+
+
+def _real_poll() -> Callable[[], Any]:
+    """select.poll as the OS gives it: a zero-timeout check must not yield to gevent's hub."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        try:
+            original: Callable[[], Any] = monkey.get_original("select", "poll")
+            return original
+        except Exception:
+            pass
+    return select.poll
+
+
+def _readable(fd: int) -> bool:
+    poller = _real_poll()()
+    poller.register(fd, _READABLE)
+    return bool(poller.poll(0))
+
+
+def session_ended(raw: Any) -> bool:
+    """Has the server ended this idle DB-API connection's session? One poll(); more only if readable."""
+    fd = sockets.socket_fd(raw)
+    if fd is None or fd < 0 or not _readable(fd):
+        return False
+    driver = sockets.driver_name(raw)
+    if driver not in ("psycopg", "psycopg2"):
+        return True  # MySQL sends nothing to a healthy idle session
+    if not _tls_in_use(raw, driver):
+        waiting = _peek(fd)
+        return waiting is not None and not _only_async_messages(waiting)
+    # Under TLS the bytes are encrypted: let the driver read them until the socket is quiet.
+    # A notification is then queued for the app; an EOF makes the read fail.
+    for _ in range(3):
+        try:
+            if driver == "psycopg":
+                raw.pgconn.consume_input()
+                if int(raw.pgconn.status) != _PSYCOPG_CONNECTION_OK:
+                    return True
+            else:
+                raw.poll()
+        except Exception:
+            return True
+        if not _readable(fd):
+            return False
+    return True
+
+
+def _tls_in_use(raw: Any, driver: str) -> bool:
+    try:
+        return bool(raw.pgconn.ssl_in_use if driver == "psycopg" else raw.info.ssl_in_use)
+    except Exception:
+        return True  # unknown: take the path that does not parse bytes
+
+
+def _peek(fd: int) -> bytes | None:
+    """What waits on the socket, left where it is; b"" at EOF, None if nothing after all."""
+    # The C-level socket: gevent's would wait for data instead of returning at once.
+    sock = _socket.socket(fileno=fd)
+    try:
+        data: bytes = sock.recv(_PEEK_BYTES, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+        return data
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+    finally:
+        sock.detach()  # the fd stays the driver's
+
+
+def _only_async_messages(data: bytes) -> bool:
+    """PostgreSQL's wire protocol: is every message waiting one a healthy idle session can get?
+
+    NotificationResponse (A), ParameterStatus (S) and NoticeResponse (N) can arrive at any
+    time. Anything else, notably an ErrorResponse (E, "terminating connection"), or an EOF
+    (no bytes), means the session is over.
+    """
+    if not data:
+        return False
+    at = 0
+    while at + 5 <= len(data):
+        if data[at : at + 1] not in (b"A", b"S", b"N"):
+            return False
+        at += 1 + int.from_bytes(data[at + 1 : at + 5], "big")
+    return True
+
+
+def close_if_ended(wrapper: Any) -> bool:
+    """Close a Django connection whose session the server ended; Django reconnects on first use."""
+    raw = wrapper.connection
+    if raw is None or wrapper.in_atomic_block or not session_ended(raw):
+        return False
+    counters().closed_unhealthy += 1
+    logger.debug("serverhooks: the server ended an idle %r session; reconnecting on first use", wrapper.alias)
+    try:
+        wrapper.close()
+    except Exception as exc:  # saying goodbye on a dead socket may fail: it is gone either way
+        logger.debug("serverhooks: closing an ended session: %s", describe_error(exc))
+    wrapper.connection = None
+    return True
+
+
+def close_ended_in_this_thread() -> int:
+    """`close_if_ended` for every initialised connection of this thread; how many were closed."""
+    db = sys.modules.get("django.db")
+    if db is None:
+        return 0
+    closed = 0
+    for wrapper in db.connections.all(initialized_only=True):
+        try:
+            closed += close_if_ended(wrapper)
+        except Exception as exc:
+            logger.debug("serverhooks: checking %r: %s", wrapper.alias, describe_error(exc))
+    return closed
