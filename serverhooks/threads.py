@@ -98,8 +98,14 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     def _remembering(self, function: Callable[P, R]) -> Callable[P, R]:
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             db = _django.loaded_db()
-            if db is not None and conf.get("CHECK_IDLE_SESSIONS"):
-                health.close_ended_in_this_thread()  # e.g. after a database restart
+            if db is not None:
+                # As Django at a request's start: expired (CONN_MAX_AGE) or broken sessions go,
+                # and, unless switched off, sessions the server ended (a restart) are replaced.
+                for wrapper in db.connections.all(initialized_only=True):
+                    if not wrapper.in_atomic_block:
+                        wrapper.close_if_unusable_or_obsolete()
+                if conf.get("CHECK_IDLE_SESSIONS"):
+                    health.close_ended_in_this_thread()
             try:
                 return function(*args, **kwargs)
             finally:

@@ -151,7 +151,7 @@ def start_gunicorn(
         GUNICORN_BIND=f"unix:{socket_path}",
         WEB_CONCURRENCY=str(workers),
         GUNICORN_CONTROL_SOCKET_DISABLE="1",
-        GUNICORN_MAX_REQUESTS="0",
+        GUNICORN_MAX_REQUESTS=env.get("GUNICORN_MAX_REQUESTS", "0"),
         PYTHONUNBUFFERED="1",
     )
     if settings is not None:

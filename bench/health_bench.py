@@ -1,0 +1,211 @@
+"""What the idle-session check costs per request, against no check and Django's CONN_HEALTH_CHECKS.
+
+    python -m bench.health_bench            # full run, about 6 minutes; writes bench/HEALTH_RESULTS.md
+    python -m bench.health_bench --quick    # smoke run, about a minute
+
+Three arms side by side, alternated A B C within each round, all with serverhooks' Gunicorn
+hooks (`-k sync -w 2`, preload_app, CONN_MAX_AGE=3600, /echo?m=<marker>, MariaDB and PostgreSQL):
+
+    no check      SERVERHOOKS_CHECK_IDLE_SESSIONS=0: plain Django's persistent connections
+    check         serverhooks' default: one poll() on each idle session at request start
+    django        SERVERHOOKS_CHECK_IDLE_SESSIONS=0 and CONN_HEALTH_CHECKS=True: Django's own check,
+                  a round trip to the database at a request's first use of its connection
+
+Worker CPU per request (from /proc) is the figure the target is set on (at most 1 % above
+"no check"), being steadier here than rates; the rate ratios come with bootstrap 95 % intervals.
+The load client and the report's statistics are bench/gunicorn_bench.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import BENCH_DIR, FAMILY_TITLE, REPO, bootstrap, drop_quietly, environment, median, schema
+from bench.common import snapshot_code, verdict
+from bench.gunicorn_bench import LoadCounts, Window, _load, _project_env
+
+OUT_DIR = BENCH_DIR / "out" / "health"
+CODE_DIR = OUT_DIR / "code"
+RESULTS_PATH = BENCH_DIR / "HEALTH_RESULTS.md"
+NO_CHECK, CHECK, DJANGO = "no check", "check", "django"
+ARMS = (NO_CHECK, CHECK, DJANGO)
+ARM_ENV = {
+    NO_CHECK: {"SERVERHOOKS_CHECK_IDLE_SESSIONS": "0"},
+    CHECK: {"SERVERHOOKS_CHECK_IDLE_SESSIONS": "1"},
+    DJANGO: {"SERVERHOOKS_CHECK_IDLE_SESSIONS": "0", "CONN_HEALTH_CHECKS": "1"},
+}
+CPU_TARGET = 1.01  # worker CPU per request, check / no check
+_CONF = f"import sys\nsys.path.insert(0, {str(CODE_DIR)!r})\nfrom serverhooks.gunicorn import *"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mode: str
+    rounds: int  # fresh masters for every arm, per database
+    windows_per_arm: int  # measured windows per arm within a round, alternated A B C
+    window_seconds: float
+    warmup_seconds: float
+    client_procs: int = 2
+    client_threads: int = 3  # per client process
+
+
+QUICK = Plan("quick", rounds=1, windows_per_arm=2, window_seconds=1.0, warmup_seconds=0.3)
+FULL = Plan("full", rounds=5, windows_per_arm=4, window_seconds=2.5, warmup_seconds=1.0)
+
+
+def _round(family: str, rnd: int, envs: dict[str, dict[str, str]], plan: Plan, pool: Any) -> list[Window]:
+    from tests.support import procs
+
+    servers = {}
+    windows: list[Window] = []
+    try:
+        for arm in ARMS:
+            settings = {"_source": _CONF, "preload_app": True, "worker_class": "sync", "loglevel": "info"}
+            tmp = OUT_DIR / f"{family}-r{rnd}-{arm.replace(' ', '-')}"
+            servers[arm] = procs.start_gunicorn(tmp, envs[arm], settings=settings, workers=2)
+        for arm in ARMS:
+            servers[arm].wait_ready(60.0)
+            windows.append(_load(pool, servers[arm], plan.warmup_seconds, plan, arm, rnd, -1))  # type: ignore[arg-type]
+        for rep in range(plan.windows_per_arm):
+            for arm in ARMS:
+                windows.append(_load(pool, servers[arm], plan.window_seconds, plan, arm, rnd, rep))  # type: ignore[arg-type]
+    finally:
+        for server in servers.values():
+            server.stop()
+    return windows
+
+
+def run_family(family: str, plan: Plan, pool: Any) -> dict[str, Any]:
+    from tests.support import dbserver
+
+    databases: dict[str, str] = {}
+    windows: list[Window] = []
+    try:
+        envs = {}
+        for arm in ARMS:
+            databases[arm] = dbserver.create_database(family)
+            envs[arm] = _project_env(dbserver.django_url(family, databases[arm]), **ARM_ENV[arm])
+            schema(envs[arm], CODE_DIR)
+        for rnd in range(plan.rounds):
+            new = _round(family, rnd, envs, plan, pool)
+            windows += new
+            line = " ".join(f"{w.arm}={w.worker_cpu_us_per_request:.0f}us" for w in new if w.rep >= 0)
+            print(f"  {family} round {rnd + 1}/{plan.rounds}: {line}", flush=True)
+    finally:
+        for name in databases.values():
+            drop_quietly(family, name)
+    return summarise(windows)
+
+
+def summarise(windows: list[Window]) -> dict[str, Any]:
+    measured = [w for w in windows if w.rep >= 0]
+    cpu = {arm: [w.worker_cpu_us_per_request for w in measured if w.arm == arm] for arm in ARMS}
+    rates = {arm: [w.rps for w in measured if w.arm == arm] for arm in ARMS}
+    checked = {arm: LoadCounts() for arm in ARMS}
+    for w in windows:
+        checked[w.arm].add(w.counts)
+    out: dict[str, Any] = {"arms": {}}
+    for arm in ARMS:
+        out["arms"][arm] = {
+            "worker_cpu_us": median(cpu[arm]),
+            "median_rps": median(rates[arm]),
+            "checked": dataclasses.asdict(checked[arm]),
+        }
+    for arm in (CHECK, DJANGO):
+        out[arm] = {
+            "cpu_ratio": median(cpu[arm]) / median(cpu[NO_CHECK]),
+            "cpu_ratio_ci": bootstrap(cpu[NO_CHECK], cpu[arm], lambda a, b: b / a),
+            "rate_ratio": median(rates[arm]) / median(rates[NO_CHECK]),
+            "rate_ratio_ci": bootstrap(rates[NO_CHECK], rates[arm], lambda a, b: b / a),
+        }
+    out["target_met"] = out[CHECK]["cpu_ratio"] <= CPU_TARGET
+    return out
+
+
+def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], took: float) -> str:
+    lines = [
+        "# The idle-session check: what it costs per request",
+        "",
+        f"`python -m bench.health_bench{' --quick' if plan.mode == 'quick' else ''}`, {plan.mode} run, "
+        f"{took / 60:.1f} min. See the module's docstring for the arms; {plan.rounds} rounds x "
+        f"{plan.windows_per_arm} windows of {plan.window_seconds:g} s per arm, per database.",
+        "",
+        "| | " + " | ".join(FAMILY_TITLE[f] for f in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+
+    def row(title: str, cell: Any) -> None:
+        lines.append(f"| {title} | " + " | ".join(cell(results[f]) for f in results) + " |")
+
+    for arm in ARMS:
+        row(f"worker CPU per request, {arm} (µs)", lambda r, a=arm: f"{r['arms'][a]['worker_cpu_us']:.0f}")
+    row(
+        "CPU ratio, check / no check (95% CI)",
+        lambda r: f"{r[CHECK]['cpu_ratio']:.4f} ({r[CHECK]['cpu_ratio_ci'][0]:.4f}–{r[CHECK]['cpu_ratio_ci'][1]:.4f})",
+    )
+    row(
+        f"target: at most {CPU_TARGET:g}",
+        lambda r: verdict(r["target_met"], r[CHECK]["cpu_ratio_ci"], CPU_TARGET),
+    )
+    row(
+        "CPU ratio, django / no check (95% CI)",
+        lambda r: (
+            f"{r[DJANGO]['cpu_ratio']:.3f} ({r[DJANGO]['cpu_ratio_ci'][0]:.3f}–{r[DJANGO]['cpu_ratio_ci'][1]:.3f})"
+        ),
+    )
+    for arm in ARMS:
+        row(f"requests/s, {arm}", lambda r, a=arm: f"{r['arms'][a]['median_rps']:.0f}")
+    for arm in (CHECK, DJANGO):
+        row(
+            f"rate ratio, {arm} / no check (95% CI)",
+            lambda r, a=arm: (
+                f"{r[a]['rate_ratio']:.3f} ({r[a]['rate_ratio_ci'][0]:.3f}–{r[a]['rate_ratio_ci'][1]:.3f})"
+            ),
+        )
+    row(
+        "wrong answers / HTTP errors / failures, all arms",
+        lambda r: " / ".join(
+            str(sum(r["arms"][a]["checked"][k] for a in ARMS)) for k in ("wrong", "http_errors", "failures")
+        ),
+    )
+    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "code"), ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The idle-session check's cost; writes bench/HEALTH_RESULTS.md.")
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--results", default=str(RESULTS_PATH), help="where to write the results file")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    os.chdir(REPO)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    shutil.rmtree(OUT_DIR, ignore_errors=True)
+    OUT_DIR.mkdir(parents=True)
+    started = time.monotonic()
+    env = {**environment(), **snapshot_code(CODE_DIR)}
+    results: dict[str, dict[str, Any]] = {}
+    with multiprocessing.get_context("fork").Pool(plan.client_procs) as pool:
+        for family in ("mysql", "postgres"):
+            results[family] = run_family(family, plan, pool)
+    took = time.monotonic() - started
+    (OUT_DIR / "raw.json").write_text(json.dumps({"plan": dataclasses.asdict(plan), "results": results}, indent=1))
+    report = render(plan, env, results, took)
+    with open(args.results, "w") as out:
+        out.write(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
