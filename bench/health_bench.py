@@ -29,8 +29,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import BENCH_DIR, FAMILY_TITLE, REPO, bootstrap, drop_quietly, environment, median, schema
-from bench.common import snapshot_code, verdict
+from bench.common import (
+    BENCH_DIR,
+    FAMILY_TITLE,
+    REPO,
+    bootstrap,
+    drop_quietly,
+    environment,
+    median,
+    schema,
+    snapshot_code,
+    verdict,
+)
 from bench.gunicorn_bench import LoadCounts, Window, _load, _project_env
 
 OUT_DIR = BENCH_DIR / "out" / "health"
@@ -131,6 +141,10 @@ def summarise(windows: list[Window]) -> dict[str, Any]:
     return out
 
 
+def _ratio(value: float, interval: tuple[float, float], digits: int = 3) -> str:
+    return f"{value:.{digits}f} ({interval[0]:.{digits}f} to {interval[1]:.{digits}f})"
+
+
 def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], took: float) -> str:
     lines = [
         "# The idle-session check: what it costs per request",
@@ -150,7 +164,7 @@ def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], 
         row(f"worker CPU per request, {arm} (µs)", lambda r, a=arm: f"{r['arms'][a]['worker_cpu_us']:.0f}")
     row(
         "CPU ratio, check / no check (95% CI)",
-        lambda r: f"{r[CHECK]['cpu_ratio']:.4f} ({r[CHECK]['cpu_ratio_ci'][0]:.4f}–{r[CHECK]['cpu_ratio_ci'][1]:.4f})",
+        lambda r: _ratio(r[CHECK]["cpu_ratio"], r[CHECK]["cpu_ratio_ci"], 4),
     )
     row(
         f"target: at most {CPU_TARGET:g}",
@@ -159,7 +173,7 @@ def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], 
     row(
         "CPU ratio, django / no check (95% CI)",
         lambda r: (
-            f"{r[DJANGO]['cpu_ratio']:.3f} ({r[DJANGO]['cpu_ratio_ci'][0]:.3f}–{r[DJANGO]['cpu_ratio_ci'][1]:.3f})"
+            f"{r[DJANGO]['cpu_ratio']:.3f} ({r[DJANGO]['cpu_ratio_ci'][0]:.3f} to {r[DJANGO]['cpu_ratio_ci'][1]:.3f})"
         ),
     )
     for arm in ARMS:
@@ -168,7 +182,7 @@ def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], 
         row(
             f"rate ratio, {arm} / no check (95% CI)",
             lambda r, a=arm: (
-                f"{r[a]['rate_ratio']:.3f} ({r[a]['rate_ratio_ci'][0]:.3f}–{r[a]['rate_ratio_ci'][1]:.3f})"
+                f"{r[a]['rate_ratio']:.3f} ({r[a]['rate_ratio_ci'][0]:.3f} to {r[a]['rate_ratio_ci'][1]:.3f})"
             ),
         )
     row(

@@ -35,10 +35,10 @@ T = TypeVar("T")
 _GUARDED_METHODS = ("execute", "executemany", "callproc", "fetchone", "fetchmany", "fetchall")
 
 
-def _run_guarded(db: Any, call: Callable[[], T]) -> T:
+def _run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     db._serverhooks_busy = getattr(db, "_serverhooks_busy", 0) + 1
     try:
-        return call()
+        return call(*args, **kwargs)
     except DjangoDatabaseError:
         raise
     except BaseException as exc:
@@ -74,7 +74,7 @@ def _guarded_method(name: str) -> Callable[..., Any]:
             # Django's CursorWrapper serves fetch*() through __getattr__, which super() does not consult.
             base: Any = guarded.__mro__[1]
             parent = base.__getattr__(self, name)
-        return _run_guarded(self.db, lambda: parent(*args, **kwargs))
+        return _run_guarded(self.db, parent, *args, **kwargs)
 
     method.__name__ = name
     return method
@@ -86,7 +86,7 @@ _END = object()
 def _guarded_iter(self: Any) -> Iterator[Any]:
     rows = super(type(self), self).__iter__()
     while True:
-        row = _run_guarded(self.db, lambda: next(rows, _END))
+        row = _run_guarded(self.db, next, rows, _END)
         if row is _END:
             return
         yield row

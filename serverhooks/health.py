@@ -21,16 +21,17 @@ power). Only a round trip or TCP keepalives find those.
 from __future__ import annotations
 
 import _socket
+import functools
 import select
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from serverhooks import sockets
+from serverhooks import conf, sockets
 from serverhooks._log import describe_error, logger
 from serverhooks.stats import counters
 
-__all__ = ["close_ended_in_this_thread", "close_if_ended", "session_ended"]
+__all__ = ["close_ended_in_this_thread", "close_if_ended", "session_ended", "unwatch", "watch"]
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _PSYCOPG_CONNECTION_OK = 0  # libpq's CONNECTION_OK
@@ -55,10 +56,33 @@ def _readable(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def session_ended(raw: Any) -> bool:
-    """Has the server ended this idle DB-API connection's session? One poll(); more only if readable."""
+class _Watch:
+    """A poll object kept per connection and socket: the check is then one poll() syscall."""
+
+    __slots__ = ("fd", "poller")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.poller = _real_poll()()
+        self.poller.register(fd, _READABLE)
+
+
+def _readable_cached(owner: Any, fd: int) -> bool:
+    watch = owner.__dict__.get("_serverhooks_watch")
+    if watch is None or watch.fd != fd:
+        watch = owner._serverhooks_watch = _Watch(fd)
+    return bool(watch.poller.poll(0))
+
+
+def session_ended(raw: Any, owner: Any = None) -> bool:
+    """Has the server ended this idle DB-API connection's session? One poll(); more only if readable.
+
+    `owner` (its Django wrapper) keeps the poll object between checks.
+    """
     fd = sockets.socket_fd(raw)
-    if fd is None or fd < 0 or not _readable(fd):
+    if fd is None or fd < 0:
+        return False
+    if not (_readable_cached(owner, fd) if owner is not None else _readable(fd)):
         return False
     driver = sockets.driver_name(raw)
     if driver not in ("psycopg", "psycopg2"):
@@ -125,7 +149,7 @@ def _only_async_messages(data: bytes) -> bool:
 def close_if_ended(wrapper: Any) -> bool:
     """Close a Django connection whose session the server ended; Django reconnects on first use."""
     raw = wrapper.connection
-    if raw is None or wrapper.in_atomic_block or not session_ended(raw):
+    if raw is None or wrapper.in_atomic_block or not session_ended(raw, wrapper):
         return False
     counters().closed_unhealthy += 1
     logger.debug("serverhooks: the server ended an idle %r session; reconnecting on first use", wrapper.alias)
@@ -149,3 +173,27 @@ def close_ended_in_this_thread() -> int:
         except Exception as exc:
             logger.debug("serverhooks: checking %r: %s", wrapper.alias, describe_error(exc))
     return closed
+
+
+def _close_if_unusable_obsolete_or_ended(wrapper: Any, django_own: Callable[[Any], None]) -> None:
+    django_own(wrapper)
+    if wrapper.connection is not None and conf.get("CHECK_IDLE_SESSIONS"):
+        try:
+            close_if_ended(wrapper)
+        except Exception as exc:  # never fail a request over the check itself
+            logger.debug("serverhooks: checking %r: %s", wrapper.alias, describe_error(exc))
+
+
+def watch(wrapper: Any) -> None:
+    """Check this connection wherever Django checks it: at each request's start and end
+    (`close_old_connections` calls `close_if_unusable_or_obsolete`). Idempotent."""
+    if "close_if_unusable_or_obsolete" in vars(wrapper):
+        return
+    own = type(wrapper).close_if_unusable_or_obsolete
+    wrapper.close_if_unusable_or_obsolete = functools.partial(_close_if_unusable_obsolete_or_ended, wrapper, own)
+
+
+def unwatch(wrapper: Any) -> None:
+    """Undo `watch` (tests)."""
+    vars(wrapper).pop("close_if_unusable_or_obsolete", None)
+    vars(wrapper).pop("_serverhooks_watch", None)

@@ -53,9 +53,11 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
 
     _tracked[key] = weakref.ref(connection, forget)
     remember_secret(connection.settings_dict.get("PASSWORD"))
-    if conf.get("CLOSE_INTERRUPTED"):
-        from serverhooks import cursorguard  # imports django.db.utils: only once django.db is loaded
+    # Both import django.db.utils: only once django.db is loaded, as it is here.
+    from serverhooks import cursorguard, health
 
+    health.watch(connection)
+    if conf.get("CLOSE_INTERRUPTED"):
         cursorguard.guard(connection)
 
 
@@ -357,22 +359,10 @@ def prepare_worker(*, probe_databases: bool = False) -> None:
 
     if greenlets.gevent_patched():
         greenlets.prepare_gevent_worker()
-    from django.core.signals import request_started
-
-    # After Django's own close_old_connections (connected when django.db was imported).
-    request_started.connect(_on_request_started, dispatch_uid="serverhooks.request_started")
     if probe_databases and conf.get("PROBE_DATABASES"):
         from serverhooks.probe import probe_in_background
 
         probe_in_background()
-
-
-def _on_request_started(**kwargs: Any) -> None:
-    """A request starts: replace this thread's idle sessions that the server ended meanwhile."""
-    if conf.get("CHECK_IDLE_SESSIONS"):
-        from serverhooks import health
-
-        health.close_ended_in_this_thread()
 
 
 def close_wrapper(wrapper: Any) -> bool:

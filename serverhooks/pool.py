@@ -109,6 +109,7 @@ class GreenletPool:
             return wrapper
         fresh: Any = connections.create_connection(self.alias)
         fresh._serverhooks_pool = self
+        health.watch(fresh)
         if conf.get("CLOSE_INTERRUPTED"):
             cursorguard.guard(fresh)  # a query cut short closes it: nothing reaches the next holder
         return fresh
@@ -121,7 +122,7 @@ class GreenletPool:
         if wrapper.connection is None:
             return
         expired = wrapper.close_at is not None and time.monotonic() >= wrapper.close_at
-        ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection)
+        ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection, wrapper)
         if expired or ended:
             counters().pool_discarded += 1
             counters().closed_unhealthy += bool(ended)

@@ -26,16 +26,18 @@ from serverhooks._log import describe_error, logger
 _never_finalise: list[object] = []
 
 
+_DRIVERS = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "psycopg": "psycopg", "psycopg2": "psycopg2"}
+_driver_of_type: dict[type, str] = {}  # asked at every request start: worth remembering
+
+
 def driver_name(raw: Any) -> str:
     """The driver behind a DB-API connection: mysqlclient, pymysql, psycopg, psycopg2, sqlite3 or ?."""
-    module = type(raw).__module__.split(".")[0]
-    return {
-        "MySQLdb": "mysqlclient",
-        "pymysql": "pymysql",
-        "psycopg": "psycopg",
-        "psycopg2": "psycopg2",
-        "sqlite3": "sqlite3",
-    }.get(module, module or "?")
+    kind = type(raw)
+    name = _driver_of_type.get(kind)
+    if name is None:
+        module = kind.__module__.split(".")[0]
+        name = _driver_of_type[kind] = {**_DRIVERS, "sqlite3": "sqlite3"}.get(module, module or "?")
+    return name
 
 
 def socket_fd(raw: Any) -> int | None:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from serverhooks import _django, conf, health
+from serverhooks import _django, health
 from serverhooks.lifecycle import close_wrapper, release_connections
 
 __all__ = ["Thread", "ThreadPoolExecutor", "releasing"]
@@ -100,12 +100,11 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
             db = _django.loaded_db()
             if db is not None:
                 # As Django at a request's start: expired (CONN_MAX_AGE) or broken sessions go,
-                # and, unless switched off, sessions the server ended (a restart) are replaced.
+                # and (serverhooks.health) sessions the server ended, after a restart say.
                 for wrapper in db.connections.all(initialized_only=True):
+                    health.watch(wrapper)
                     if not wrapper.in_atomic_block:
                         wrapper.close_if_unusable_or_obsolete()
-                if conf.get("CHECK_IDLE_SESSIONS"):
-                    health.close_ended_in_this_thread()
             try:
                 return function(*args, **kwargs)
             finally:
