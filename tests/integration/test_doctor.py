@@ -51,7 +51,10 @@ def ids(args: list[str], env: dict[str, Any], prelude: str = "") -> set[str]:
 
 
 def gunicorn_conf(tmp_path: Path, body: str, hooks: bool = False) -> str:
-    path = tmp_path / ("hooks.conf.py" if hooks else "plain.conf.py")
+    # A new file name each time: Python may cache a config file's bytecode by mtime and size,
+    # and two configs written within a second that differ in one digit would look the same.
+    index = len(list(tmp_path.glob("*.conf.py")))
+    path = tmp_path / f"{'hooks' if hooks else 'plain'}-{index}.conf.py"
     path.write_text(("from serverhooks.gunicorn import *\n" if hooks else "") + body + "\n")
     return str(path)
 

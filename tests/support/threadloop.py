@@ -103,8 +103,13 @@ def main() -> None:
         for worker in workers:
             worker.join(60)
     seconds = time.perf_counter() - started
-    time.sleep(0.5)  # a PostgreSQL backend leaves pg_stat_activity a moment after its client closed
+    # A PostgreSQL backend leaves pg_stat_activity a moment after its client closed: give the
+    # closed ones 3 s to go (what is still open then was left open).
+    deadline = time.monotonic() + 3.0
     still_open = dbserver.sessions_or_none(args.family, args.database)
+    while still_open and len(still_open) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+        still_open = dbserver.sessions_or_none(args.family, args.database)
     gc.collect()
     time.sleep(0.5)
     after_gc = dbserver.sessions_or_none(args.family, args.database)
