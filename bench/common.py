@@ -6,12 +6,16 @@ this one: its top level imports nothing but the standard library.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 import platform
 import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -19,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -37,6 +41,11 @@ FAMILY_TITLE = {"mysql": "MariaDB", "postgres": "PostgreSQL"}
 class Counts(Protocol):
     """What a bench's per-thread load counters offer (each bench has its own fields)."""
 
+    requests: int
+    in_window: int
+    ok: int
+    wrong: int
+    http_errors: int
     failures: int
     client_cpu_s: float
 
@@ -46,6 +55,49 @@ class Counts(Protocol):
 
 
 C = TypeVar("C", bound=Counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Clients:
+    """The load: client processes, each with threads sending one request at a time."""
+
+    procs: int
+    threads: int  # per process
+
+    @property
+    def concurrency(self) -> int:
+        return self.procs * self.threads
+
+
+def timed_requests(
+    start_at: float, end_at: float, limit: int, out: Counts, send: Callable[[int], tuple[str, str]]
+) -> None:
+    """One client thread: request after request from start_at until end_at (at most `limit`).
+
+    `send(i)` makes request i and says how it went: ("ok", ""), ("wrong", what came back) or
+    ("http", the status). A request that could not be made is counted as a failure here.
+    """
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    for i in range(limit):
+        if time.monotonic() >= end_at:
+            break
+        try:
+            outcome, detail = send(i)
+        except Exception as exc:
+            out.failures += 1
+            out.note(f"{type(exc).__name__}: {exc}")
+            continue
+        done = time.monotonic()
+        out.requests += 1
+        if outcome == "ok":
+            out.ok += 1
+            out.in_window += done <= end_at
+        elif outcome == "wrong":
+            out.wrong += 1
+            out.note(detail)
+        else:
+            out.http_errors += 1
+            out.note(detail)
 
 
 def run_client_threads(
@@ -234,7 +286,7 @@ def environment(extra_dists: Sequence[str] = ()) -> dict[str, str]:
     from tests.support import dbserver
 
     info = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": str(os.cpu_count()),
         "usable_cores": str(len(os.sched_getaffinity(0))),
         "cpu": "?",
@@ -272,3 +324,62 @@ def verdict(met: bool, interval: tuple[float, float], threshold: float) -> str:
     if lo < threshold < hi:
         return f"{yes(met)} (but the 95% CI straddles {threshold:g}: the noise is larger than the margin)"
     return yes(met)
+
+
+def bench_arguments(description: str, results: Path, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Every bench's command line: --quick, and --results (where the report goes), and runs it
+    from the repository root with the repository importable."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="short smoke run (about a minute)")
+    parser.add_argument("--results", type=Path, default=results, help=f"where to write the report (default {results})")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine first (gevent bench)")
+    args = parser.parse_args(argv)
+    os.chdir(REPO)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return args
+
+
+def http_get(path: str, target: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One GET on a fresh unix-socket connection, closed by the server after the response.
+
+    HTTP/1.0 with Connection: close, so the body comes whole and the connection ends."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        chunks: list[bytes] = []
+        for _ in range(1000):  # a response is a few hundred bytes
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        else:
+            raise RuntimeError("response longer than expected")
+    finally:
+        sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def write_report(out_dir: Path, raw: dict[str, Any], report: str, results: Path) -> int:
+    """The raw numbers to out_dir/raw.json, the report to `results` and stdout; the exit status."""
+    (out_dir / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
+    results.write_text(report)
+    print(report)
+    return 0
+
+
+def report_head(title: str, module: str, mode: str, took: float, env: dict[str, str]) -> list[str]:
+    """The first lines of every bench's report: what wrote it, then a table opening with the date."""
+    return [
+        f"# {title}",
+        "",
+        f"Written by `python -m {module}{' --quick' if mode == 'quick' else ''}` ({mode} run, "
+        f"{took:.0f} s); bench/README.md says what each figure means. Regenerate rather than edit.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| date | {env['date']} |",
+    ]

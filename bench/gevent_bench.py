@@ -20,13 +20,11 @@ Results go to bench/GEVENT_RESULTS.md; logs and raw data to bench/out/gevent/ (g
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -35,35 +33,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from bench.common import (
-    BENCH_DIR,
-    DB_PROCESS_NAMES,
-    FAMILY_TITLE,
-    REPO,
-    TICKS,
-    bootstrap,
-    bytecode_env,
-    cpu_seconds,
-    drop_quietly,
-    environment,
-    load_average,
-    machine_busy_seconds,
-    median,
-    quartiles,
-    run_client_threads,
-    schema,
-    snapshot_code,
-    verdict,
-    yes,
-)
+from bench import common
 
 if TYPE_CHECKING:
     from multiprocessing.pool import Pool
 
     from tests.support.procs import Server
 
-OUT_DIR = BENCH_DIR / "out" / "gevent"
-RESULTS_PATH = BENCH_DIR / "GEVENT_RESULTS.md"
+OUT_DIR = common.BENCH_DIR / "out" / "gevent"
+RESULTS_PATH = common.BENCH_DIR / "GEVENT_RESULTS.md"
 # serverhooks/, tests/ and gunicorn.conf.py as committed at HEAD, and the bench, copied at the start.
 CODE_DIR = OUT_DIR / "code"
 COMMITTED = ("serverhooks", "tests", "gunicorn.conf.py")
@@ -141,19 +119,27 @@ class Plan:
     rounds: int  # windows per arm
     warmup_seconds: float
     window_seconds: float
-    client_procs: int
-    client_threads: int  # per client process
+    clients: common.Clients
     sample_interval: float  # SessionSampler (a new connection per sample)
     tracker_interval: float  # SessionTracker (one held connection)
     gap_seconds: float  # between windows: the database settles; MariaDB's foreign connections are counted
 
     @property
     def concurrency(self) -> int:
-        return self.client_procs * self.client_threads
+        return self.clients.concurrency
 
 
-QUICK = Plan("quick", 1, 0.5, 1.5, 4, 5, 0.05, 0.02, 0.2)
-FULL = Plan("full", 6, 1.0, 4.0, 4, 5, 0.05, 0.02, 0.5)
+QUICK = Plan(
+    mode="quick",
+    rounds=1,
+    warmup_seconds=0.5,
+    window_seconds=1.5,
+    clients=common.Clients(procs=4, threads=5),
+    sample_interval=0.05,
+    tracker_interval=0.02,
+    gap_seconds=0.2,
+)
+FULL = dataclasses.replace(QUICK, mode="full", rounds=6, warmup_seconds=1.0, window_seconds=4.0, gap_seconds=0.5)
 
 # =========================================================================== load (client processes)
 
@@ -183,61 +169,23 @@ class LoadCounts:
         return self.wrong + self.http_errors + self.failures
 
 
-def http_get(path: str, target: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """One GET on a fresh unix-socket connection, closed by the server after the response.
-
-    HTTP/1.0 with Connection: close, so the body comes whole and the connection ends."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        chunks: list[bytes] = []
-        for _ in range(1000):  # a response is a few hundred bytes
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-        else:
-            raise RuntimeError("response longer than expected")
-    finally:
-        sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
-
-
 def _client_thread(path: str, prefix: str, start_at: float, end_at: float, limit: int, out: LoadCounts) -> None:
-    time.sleep(max(0.0, start_at - time.monotonic()))
-    for i in range(limit):
-        if time.monotonic() >= end_at:
-            break
-        try:
-            status, body = http_get(path, f"{ENDPOINT}?m={prefix}x{i}")
-        except Exception as exc:
-            out.failures += 1
-            out.note(f"{type(exc).__name__}: {exc}")
-            continue
-        done = time.monotonic()
-        out.requests += 1
+    def send(i: int) -> tuple[str, str]:
+        status, body = common.http_get(path, f"{ENDPOINT}?m={prefix}x{i}")
         if status != 200:
-            out.http_errors += 1
-            out.note(f"HTTP {status}: {body[:80]!r}")
-            continue
+            return "http", f"HTTP {status}: {body[:80]!r}"
         try:
             answer = json.loads(body)
         except ValueError:
             answer = None
-        if answer != EXPECTED:
-            out.wrong += 1
-            out.note(f"unexpected answer {body[:80]!r}")
-        else:
-            out.ok += 1
-            out.in_window += done <= end_at
+        return ("ok", "") if answer == EXPECTED else ("wrong", f"unexpected answer {body[:80]!r}")
+
+    common.timed_requests(start_at, end_at, limit, out, send)
 
 
 def _client_process(args: tuple[str, int, float, float, int]) -> LoadCounts:
     """One client process: `threads` threads, each a request at a time, from start_at to end_at."""
-    return run_client_threads(_client_thread, LoadCounts, args)
+    return common.run_client_threads(_client_thread, LoadCounts, args)
 
 
 # =========================================================================== CPU: where time goes
@@ -254,14 +202,14 @@ def _db_cpu() -> dict[int, tuple[float, float]]:
             continue
         try:
             with open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() not in DB_PROCESS_NAMES:
+                if f.read().strip() not in common.DB_PROCESS_NAMES:
                     continue
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        own = (int(fields[11]) + int(fields[12])) / TICKS
-        children = (int(fields[13]) + int(fields[14])) / TICKS
+        own = (int(fields[11]) + int(fields[12])) / common.TICKS
+        children = (int(fields[13]) + int(fields[14])) / common.TICKS
         found[int(entry)] = (own, children)
     return found
 
@@ -285,8 +233,8 @@ class CpuSnapshot:
         own = os.times()
         return cls(
             at=time.monotonic(),
-            machine=machine_busy_seconds(),
-            workers=cpu_seconds([server.pid, *server.workers()]),
+            machine=common.machine_busy_seconds(),
+            workers=common.cpu_seconds([server.pid, *server.workers()]),
             databases=_db_cpu(),
             bench=own.user + own.system,
         )
@@ -310,7 +258,7 @@ def run_load(pool: Pool, server: Server, seconds: float, plan: Plan) -> Load:
     start_at = time.monotonic() + 0.1
     end_at = start_at + seconds
     limit = int(seconds * 5000) + 100  # far above what 2 workers answer
-    args = [(server.socket_path, plan.client_threads, start_at, end_at, limit)] * plan.client_procs
+    args = [(server.socket_path, plan.clients.threads, start_at, end_at, limit)] * plan.clients.procs
     parts = pool.map_async(_client_process, args, chunksize=1).get(timeout=seconds + 90.0)
     after = CpuSnapshot.take(server)
     counts = LoadCounts()
@@ -475,7 +423,7 @@ def arm_env(arm: Arm, database: str, pool_size: int) -> dict[str, str]:
         "GUNICORN_WORKER_CLASS": arm.worker_class,
         "GUNICORN_PRELOAD": "0",
         "GUNICORN_LOGLEVEL": "info",
-        **bytecode_env(),
+        **common.bytecode_env(),
     }
     if arm.peer:
         env.update(BENCH_PEER=arm.peer, BENCH_PEER_POOL_SIZE=str(pool_size))
@@ -489,7 +437,7 @@ def _worker_stats(server: Server) -> tuple[dict[int, dict[str, Any]], int]:
     for _ in range(60):
         sent += 1
         try:
-            status, body = http_get(server.socket_path, "/whoami")
+            status, body = common.http_get(server.socket_path, "/whoami")
         except OSError:
             continue
         if status == 200:
@@ -599,7 +547,7 @@ def resolved_pool_size(database: str) -> int:
     code = "import django; django.setup(); from serverhooks import conf; print(conf.get('POOL_SIZE'))"
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=REPO,
+        cwd=common.REPO,
         env={**os.environ, **env, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(CODE_DIR)},
         capture_output=True,
         check=True,
@@ -628,11 +576,11 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
         pool_size = resolved_pool_size(databases[("postgres", SERVERHOOKS)])
         for family in families:
             for arm in ARMS[family]:
-                schema(arm_env(arm, databases[(family, arm.key)], pool_size), CODE_DIR)
+                common.schema(arm_env(arm, databases[(family, arm.key)], pool_size), CODE_DIR)
         for family in families:
             admins[family] = (ServerCounters(family), ServerCounters(family))
         # The client processes are forked once, before any server or sampler thread starts.
-        with multiprocessing.get_context("fork").Pool(plan.client_procs) as pool:
+        with multiprocessing.get_context("fork").Pool(plan.clients.procs) as pool:
             for rnd in range(plan.rounds):
                 for family in families:
                     line = []
@@ -655,7 +603,7 @@ def run_all(plan: Plan, families: Sequence[str]) -> tuple[list[Window], int]:
                 except Exception:
                     pass
         for (family, _arm), name in databases.items():
-            drop_quietly(family, name)
+            common.drop_quietly(family, name)
     return windows, pool_size
 
 
@@ -696,7 +644,7 @@ def connect_costs(rounds: int = 20) -> dict[str, float]:
 
 def _per_request(values: Sequence[float], requests: Sequence[int]) -> float:
     """Median over windows of value / requests, in µs."""
-    return median([v / max(1, n) * 1e6 for v, n in zip(values, requests, strict=True)])
+    return common.median([v / max(1, n) * 1e6 for v, n in zip(values, requests, strict=True)])
 
 
 def summarise_arm(arm: Arm, mine: list[Window]) -> dict[str, Any]:
@@ -708,11 +656,11 @@ def summarise_arm(arm: Arm, mine: list[Window]) -> dict[str, Any]:
     requests_total = sum(w.requests_total for w in mine)
     opened = sum(w.sessions_opened for w in mine)
     window_requests = [w.load.counts.requests for w in mine]
-    q1, q3 = quartiles(rates)
+    q1, q3 = common.quartiles(rates)
     return {
         "title": arm.title,
         "rates": rates,
-        "median_rps": median(rates),
+        "median_rps": common.median(rates),
         "q1_rps": q1,
         "q3_rps": q3,
         "sessions_opened": [w.sessions_opened for w in mine],
@@ -732,7 +680,7 @@ def summarise_arm(arm: Arm, mine: list[Window]) -> dict[str, Any]:
         "worker_cpu_us": _per_request([w.load.worker_cpu_s for w in mine], window_requests),
         "db_cpu_us": _per_request([w.load.db_cpu_s for w in mine], window_requests),
         "client_cpu_us": _per_request([w.load.counts.client_cpu_s for w in mine], window_requests),
-        "other_cores_median": median([w.load.other_cores for w in mine]),
+        "other_cores_median": common.median([w.load.other_cores for w in mine]),
         "other_cores_max": max((w.load.other_cores for w in mine), default=float("nan")),
         "checked": dataclasses.asdict(checked),
         "pool": {key: sum(w.pool[key] for w in mine) for key in POOL_KEYS},
@@ -744,7 +692,7 @@ def _ratio(arms: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     """a / b of the arms' median req/s, with its bootstrap 95% interval."""
     return {
         "ratio": arms[a]["median_rps"] / arms[b]["median_rps"] if arms[b]["median_rps"] else float("nan"),
-        "ci": bootstrap(arms[b]["rates"], arms[a]["rates"], lambda x, y: y / x if x else float("nan")),
+        "ci": common.bootstrap(arms[b]["rates"], arms[a]["rates"], lambda x, y: y / x if x else float("nan")),
     }
 
 
@@ -849,7 +797,7 @@ def _summary_rows(plan: Plan, summary: dict[str, Any]) -> list[str]:
         rows.append(
             f"| MariaDB: serverhooks at least {MYSQL_RPS_RATIO:g}x the no-hooks requests/s "
             f"| {_ratio_text(r)}: {sh['median_rps']:.0f} vs {nh['median_rps']:.0f} req/s "
-            f"| {verdict(r['ratio'] >= MYSQL_RPS_RATIO, r['ci'], MYSQL_RPS_RATIO)} |"
+            f"| {common.verdict(r['ratio'] >= MYSQL_RPS_RATIO, r['ci'], MYSQL_RPS_RATIO)} |"
         )
         limit = _one_in(MYSQL_SESSIONS_FRACTION)
         per_request = m["sessions_per_request"]
@@ -860,8 +808,8 @@ def _summary_rows(plan: Plan, summary: dict[str, Any]) -> list[str]:
             f"({_one_in(m['sessions_fraction_per_request'])}); per-database count: "
             f"{per_request[SERVERHOOKS][1] * 1000:.2f} vs {per_request[NOHOOKS][1] * 1000:.0f} "
             f"({_one_in(m['sessions_fraction_per_request_seen'])}) "
-            f"| {yes(m['sessions_fraction_per_request'] <= MYSQL_SESSIONS_FRACTION)} (per-database count: "
-            f"{yes(m['sessions_fraction_per_request_seen'] <= MYSQL_SESSIONS_FRACTION)}) |"
+            f"| {common.yes(m['sessions_fraction_per_request'] <= MYSQL_SESSIONS_FRACTION)} (per-database count: "
+            f"{common.yes(m['sessions_fraction_per_request_seen'] <= MYSQL_SESSIONS_FRACTION)}) |"
         )
         rows.append(
             f"| MariaDB: the same in absolute numbers, over the same load time ({plan.rounds} x "
@@ -870,8 +818,8 @@ def _summary_rows(plan: Plan, summary: dict[str, Any]) -> list[str]:
             f"({_one_in(m['sessions_fraction'])}), while serving {sh['requests_total']} vs {nh['requests_total']} "
             f"requests; per-database count: {sh['sessions_seen_total']} vs {nh['sessions_seen_total']} "
             f"({_one_in(m['sessions_fraction_seen'])}) "
-            f"| {yes(m['sessions_fraction'] <= MYSQL_SESSIONS_FRACTION)} (per-database count: "
-            f"{yes(m['sessions_fraction_seen'] <= MYSQL_SESSIONS_FRACTION)}) |"
+            f"| {common.yes(m['sessions_fraction'] <= MYSQL_SESSIONS_FRACTION)} (per-database count: "
+            f"{common.yes(m['sessions_fraction_seen'] <= MYSQL_SESSIONS_FRACTION)}) |"
         )
     if "postgres" in fams:
         p = fams["postgres"]
@@ -881,21 +829,21 @@ def _summary_rows(plan: Plan, summary: dict[str, Any]) -> list[str]:
             f"| PostgreSQL: serverhooks at least {PEER_RPS_RATIO:g}x the best peer's requests/s (best: "
             f"{p['arms'][best]['title']}) | {_ratio_text(r)}: {p['arms'][SERVERHOOKS]['median_rps']:.0f} vs "
             f"{p['arms'][best]['median_rps']:.0f} req/s "
-            f"| {verdict(r['ratio'] >= PEER_RPS_RATIO, r['ci'], PEER_RPS_RATIO)} |"
+            f"| {common.verdict(r['ratio'] >= PEER_RPS_RATIO, r['ci'], PEER_RPS_RATIO)} |"
         )
-    peaks = ", ".join(f"{FAMILY_TITLE[f]} {k}: {p}" for f, k, p in summary["serverhooks_peaks"])
+    peaks = ", ".join(f"{common.FAMILY_TITLE[f]} {k}: {p}" for f, k, p in summary["serverhooks_peaks"])
     rows.append(
         f"| peak concurrent sessions with serverhooks never above workers x POOL_SIZE = {WORKERS} x "
         f"{summary['pool_size']} = {bound} | max {summary['serverhooks_peak']} ({peaks}) "
-        f"| {yes(summary['serverhooks_peak'] <= bound)} |"
+        f"| {common.yes(summary['serverhooks_peak'] <= bound)} |"
     )
     for family, res in fams.items():
         r = res["vs_sync"]
         rows.append(
-            f"| {FAMILY_TITLE[family]}: serverhooks / sync-worker ceiling (aim: at least {SYNC_RPS_RATIO:g}) "
+            f"| {common.FAMILY_TITLE[family]}: serverhooks / sync-worker ceiling (aim: at least {SYNC_RPS_RATIO:g}) "
             f"| {_ratio_text(r)}: {res['arms'][SERVERHOOKS]['median_rps']:.0f} vs "
             f"{res['arms'][SYNC]['median_rps']:.0f} req/s "
-            f"| {verdict(r['ratio'] >= SYNC_RPS_RATIO, r['ci'], SYNC_RPS_RATIO)} |"
+            f"| {common.verdict(r['ratio'] >= SYNC_RPS_RATIO, r['ci'], SYNC_RPS_RATIO)} |"
         )
     bad = answered = 0
     for res in fams.values():
@@ -906,13 +854,13 @@ def _summary_rows(plan: Plan, summary: dict[str, Any]) -> list[str]:
                 answered += c["requests"] + c["failures"]
     rows.append(
         f"| every answer right, in every arm but no hooks (warm-up included) | {bad} errors or wrong answers in "
-        f"{answered} requests | {yes(bad == 0)} |"
+        f"{answered} requests | {common.yes(bad == 0)} |"
     )
     for family, res in fams.items():
         c = res["arms"][NOHOOKS]["checked"]
         failed = c["http_errors"] + c["failures"] + c["wrong"]
         rows.append(
-            f"| (reported, no target) {FAMILY_TITLE[family]}, no hooks: requests that failed "
+            f"| (reported, no target) {common.FAMILY_TITLE[family]}, no hooks: requests that failed "
             f"| {failed} of {c['requests'] + c['failures']} ({c['http_errors']} HTTP 500, {c['failures']} no answer, "
             f"{c['wrong']} wrong) | |"
         )
@@ -930,7 +878,7 @@ def _setup_lines(plan: Plan, env: dict[str, str], summary: dict[str, Any], costs
         "`Connection: close`). Of the test project's views it is the lightest that runs exactly one SELECT "
         "(`SELECT COUNT(*) FROM sh_hit WHERE marker = %s`; /echo adds an INSERT, /whoami builds a bigger answer); "
         'nothing inserts, so every right answer is exactly `{"count": 0}`, and every answer is checked. '
-        f"Load: {plan.client_procs} client processes x {plan.client_threads} threads = {plan.concurrency} "
+        f"Load: {plan.clients.procs} client processes x {plan.clients.threads} threads = {plan.concurrency} "
         f"concurrent connections, each thread one request at a time. {plan.rounds} round(s); in each, every arm "
         "of a database gets one window in turn (the order rotates by one arm every round): a fresh master on the "
         f"arm's own database (created once for the run), {plan.warmup_seconds:g} s of warm-up (checked, not timed), "
@@ -981,7 +929,7 @@ def _setup_lines(plan: Plan, env: dict[str, str], summary: dict[str, Any], costs
 
 def _family_section(family: str, res: dict[str, Any]) -> list[str]:
     out = [
-        f"## {FAMILY_TITLE[family]}",
+        f"## {common.FAMILY_TITLE[family]}",
         "",
         "| arm | median req/s | 25th to 75th | every window (req/s) | sessions opened, server counter, all windows "
         "| distinct sessions seen on its database, all windows | opened per window | sessions opened per 1000 "
@@ -1027,15 +975,9 @@ def _family_section(family: str, res: dict[str, Any]) -> list[str]:
 
 
 def render(plan: Plan, env: dict[str, str], summary: dict[str, Any], costs: dict[str, float], took: float) -> str:
+    title = "Gunicorn gevent benchmark: serverhooks' pool against no hooks, its peers and sync workers"
     out = [
-        "# Gunicorn gevent benchmark: serverhooks' pool against no hooks, its peers and sync workers",
-        "",
-        f"Written by `python -m bench.gevent_bench{' --quick' if plan.mode == 'quick' else ''}` ({plan.mode} run, "
-        f"{took:.0f} s); bench/README.md says what each figure means. Regenerate rather than edit.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| date | {env['date']} |",
+        *common.report_head(title, "bench.gevent_bench", plan.mode, took, env),
         f"| machine | {env['cores']} cores ({env['usable_cores']} usable), {env['cpu']}, {env['os']}; shared with "
         f"other work |",
         f"| load average (1, 5, 15 min) | before: {env['load_before']}; after: {env['load_after']}; "
@@ -1075,7 +1017,7 @@ def wait_for_quiet_machine() -> str:
             return f"waited {time.monotonic() - started:.0f} s for a 1-minute load average below {LOAD_QUIET:g}"
         if time.monotonic() - started >= LOAD_WAIT_S:
             break
-        print(f"  load average {load_average()}: waiting for the 1-minute figure to fall below {LOAD_QUIET:g}")
+        print(f"  load average {common.load_average()}: waiting for the 1-minute figure to fall below {LOAD_QUIET:g}")
         time.sleep(LOAD_POLL_S)
     return f"the 1-minute load average stayed at or above {LOAD_QUIET:g} for {LOAD_WAIT_S / 60:.0f} min: ran anyway"
 
@@ -1113,16 +1055,10 @@ def _scrubbed_environment() -> Iterator[list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="serverhooks' gevent pool under Gunicorn; writes bench/GEVENT_RESULTS.md."
+    args = common.bench_arguments(
+        "serverhooks' gevent pool under Gunicorn; writes bench/GEVENT_RESULTS.md.", RESULTS_PATH, argv
     )
-    parser.add_argument("--quick", action="store_true", help="short smoke run (under a minute)")
-    parser.add_argument("--no-wait", action="store_true", help="full run: do not wait for a quiet machine first")
-    args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    os.chdir(REPO)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from tests.support import dbserver
 
     families = ("mysql", "postgres")
@@ -1143,15 +1079,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         OUT_DIR.mkdir(parents=True)
         started = time.monotonic()
         env = {
-            **environment(("gevent", "greenlet", "PyMySQL", "psycopg-pool", "django-db-geventpool")),
+            **common.environment(("gevent", "greenlet", "PyMySQL", "psycopg-pool", "django-db-geventpool")),
             **_max_connections(),
-            **snapshot_code(CODE_DIR, COMMITTED),
+            **common.snapshot_code(CODE_DIR, COMMITTED),
             "load_wait": load_wait,
         }
         print(f"{plan.mode} run; server logs in {OUT_DIR}", flush=True)
         costs = connect_costs()
         windows, pool_size = run_all(plan, families)
-    env["load_after"] = load_average()
+    env["load_after"] = common.load_average()
     took = time.monotonic() - started
     summary = summarise(windows, families, pool_size)
     raw = {
@@ -1161,11 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
         "connect_costs_ms": costs,
     }
-    (OUT_DIR / "raw.json").write_text(json.dumps(raw, indent=1))
-    report = render(plan, env, summary, costs, took)
-    RESULTS_PATH.write_text(report)
-    print(report)
-    return 0
+    return common.write_report(OUT_DIR, raw, render(plan, env, summary, costs, took), args.results)
 
 
 if __name__ == "__main__":

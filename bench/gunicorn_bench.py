@@ -26,13 +26,11 @@ so its top level imports nothing heavy.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import resource
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,21 +40,26 @@ from typing import TYPE_CHECKING, Any
 from bench.common import (
     BENCH_DIR,
     FAMILY_TITLE,
-    REPO,
+    Clients,
+    bench_arguments,
     bootstrap,
     bytecode_env,
     cpu_seconds,
     db_server_pids,
     drop_quietly,
     environment,
+    http_get,
     load_average,
     machine_busy_seconds,
     median,
     quartiles,
+    report_head,
     run_client_threads,
     schema,
     snapshot_code,
+    timed_requests,
     verdict,
+    write_report,
     yes,
 )
 
@@ -260,13 +263,23 @@ class Plan:
     rps_reps: int  # measured windows per arm within a round, alternated A B A B
     rps_seconds: float  # one measured window
     warmup_seconds: float
-    client_procs: int
-    client_threads: int  # per client process
+    clients: Clients
     families: tuple[str, ...] = ("mysql", "postgres")
 
 
-QUICK = Plan("quick", 2, 8, 2, 2, 1.0, 0.3, 2, 3)
-FULL = Plan("full", 10, 8, 6, 3, 2.5, 1.0, 2, 3)
+QUICK = Plan(
+    mode="quick",
+    fork_rounds=2,
+    fork_workers=8,
+    rps_rounds=2,
+    rps_reps=2,
+    rps_seconds=1.0,
+    warmup_seconds=0.3,
+    clients=Clients(procs=2, threads=3),
+)
+FULL = dataclasses.replace(
+    QUICK, mode="full", fork_rounds=10, rps_rounds=6, rps_reps=3, rps_seconds=2.5, warmup_seconds=1.0
+)
 
 
 def _project_env(database_url: str, **extra: str) -> dict[str, str]:
@@ -416,53 +429,23 @@ class LoadCounts:
 
 
 def _echo(path: str, marker: str) -> tuple[int, dict[str, Any] | None]:
-    """One GET /echo on a fresh unix-socket connection, closed by the server after the response.
-
-    HTTP/1.0, so the body comes whole (Gunicorn chunks HTTP/1.1 responses without a length)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10.0)
-    try:
-        sock.connect(path)
-        sock.sendall(f"GET /echo?m={marker} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-        chunks: list[bytes] = []
-        for _ in range(1000):  # a response is a few hundred bytes
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-        else:
-            raise RuntimeError("response longer than expected")
-    finally:
-        sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+    """One GET /echo on a fresh unix-socket connection: (status, its JSON when 200)."""
+    status, body = http_get(path, f"/echo?m={marker}")
     return status, (json.loads(body) if status == 200 else None)
 
 
 def _client_thread(path: str, prefix: str, start_at: float, end_at: float, limit: int, out: LoadCounts) -> None:
-    time.sleep(max(0.0, start_at - time.monotonic()))
-    for i in range(limit):
-        if time.monotonic() >= end_at:
-            break
+    def send(i: int) -> tuple[str, str]:
         marker = f"{prefix}x{i}"
-        try:
-            status, data = _echo(path, marker)
-        except Exception as exc:
-            out.failures += 1
-            out.note(f"{type(exc).__name__}: {exc}")
-            continue
-        done = time.monotonic()
-        out.requests += 1
+        status, data = _echo(path, marker)
         if data is None:
-            out.http_errors += 1
-            out.note(f"HTTP {status}")
-        elif data.get("m") != marker:
-            out.wrong += 1
-            out.note(f"sent {marker}, got {data.get('m')!r}")
-        else:
-            out.ok += 1
-            out.inherited += bool(data.get("inherited"))
-            out.in_window += done <= end_at
+            return "http", f"HTTP {status}"
+        if data.get("m") != marker:
+            return "wrong", f"sent {marker}, got {data.get('m')!r}"
+        out.inherited += bool(data.get("inherited"))
+        return "ok", ""
+
+    timed_requests(start_at, end_at, limit, out, send)
 
 
 def _client_process(args: tuple[str, int, float, float, int]) -> LoadCounts:
@@ -519,7 +502,7 @@ def _load(pool: Pool, server: Server, seconds: float, plan: Plan, arm: str, rnd:
     start_at = time.monotonic() + 0.2
     end_at = start_at + seconds
     limit = int(seconds * 5000) + 100  # far above what 2 sync workers answer
-    args = [(server.socket_path, plan.client_threads, start_at, end_at, limit)] * plan.client_procs
+    args = [(server.socket_path, plan.clients.threads, start_at, end_at, limit)] * plan.clients.procs
     parts = pool.map_async(_client_process, args, chunksize=1).get(timeout=seconds + 90.0)
     after = CpuSnapshot.take(server, db_pids)
     counts = LoadCounts()
@@ -536,30 +519,43 @@ def _load(pool: Pool, server: Server, seconds: float, plan: Plan, arm: str, rnd:
     return Window(arm, rnd, rep, seconds, counts, workers, max(0.0, other) / (after.at - before.at))
 
 
-def _rps_round(family: str, rnd: int, envs: dict[str, dict[str, str]], plan: Plan, pool: Pool) -> list[Window]:
+@dataclasses.dataclass(frozen=True)
+class SyncArms:
+    """Arms compared side by side under `-k sync -w 2` preloaded masters, and how they are loaded."""
+
+    names: Sequence[str]
+    conf_sources: dict[str, str]  # per arm: the top of its gunicorn config file
+    plan: Any  # any bench plan with warmup_seconds, rps_seconds, rps_reps and clients
+    pool: Pool  # the client processes
+
+
+def sync_round(arms: SyncArms, envs: dict[str, dict[str, str]], rnd: int, out_dir: Path) -> list[Window]:
+    """One round: fresh `-k sync -w 2` preloaded masters for every arm, warmed up, then
+    `plan.rps_reps` measured windows per arm, alternated A B (C ...). Shared by the benches."""
     from tests.support import procs
 
+    plan, pool = arms.plan, arms.pool
     windows: list[Window] = []
     servers: dict[str, Server] = {}
     try:
-        for arm in ARMS:
+        for arm in arms.names:
             servers[arm] = procs.start_gunicorn(
-                OUT_DIR / f"rps-{family}-r{rnd}-{arm}",
+                out_dir / f"r{rnd}-{arm.replace(' ', '-')}",
                 envs[arm],
                 settings={
-                    "_source": _SNAPSHOT_FIRST + _RPS_CONF_SOURCE[arm],
+                    "_source": arms.conf_sources[arm],
                     "preload_app": True,
                     "worker_class": "sync",
                     "loglevel": "info",
                 },
                 workers=2,
             )
-        for arm in ARMS:
+        for arm in arms.names:
             servers[arm].wait_ready(60.0)
-        for arm in ARMS:  # both workers connect and warm up; not measured, but checked
+        for arm in arms.names:  # both workers connect and warm up; not measured, but checked
             windows.append(_load(pool, servers[arm], plan.warmup_seconds, plan, arm, rnd, -1))
         for rep in range(plan.rps_reps):
-            for arm in ARMS:
+            for arm in arms.names:
                 windows.append(_load(pool, servers[arm], plan.rps_seconds, plan, arm, rnd, rep))
     finally:
         for server in servers.values():
@@ -567,26 +563,41 @@ def _rps_round(family: str, rnd: int, envs: dict[str, dict[str, str]], plan: Pla
     return windows
 
 
-def run_rps_family(family: str, plan: Plan, pool: Pool) -> dict[str, Any]:
+def sync_rounds(
+    family: str,
+    arms: SyncArms,
+    arm_env: dict[str, dict[str, str]],
+    rounds: int,
+    out_dir: Path,
+    code_dir: Path,
+    describe: Callable[[Window], str],
+) -> list[Window]:
+    """`rounds` rounds of `sync_round` on `family`, each arm on a fresh database of its own."""
     from tests.support import dbserver
 
     databases: dict[str, str] = {}
     windows: list[Window] = []
     try:
         envs: dict[str, dict[str, str]] = {}
-        for arm in ARMS:
+        for arm in arms.names:
             databases[arm] = dbserver.create_database(family)
-            envs[arm] = _project_env(dbserver.django_url(family, databases[arm]))
-            schema(envs[arm], CODE_DIR)
-        for rnd in range(plan.rps_rounds):
-            new = _rps_round(family, rnd, envs, plan, pool)
+            envs[arm] = _project_env(dbserver.django_url(family, databases[arm]), **arm_env.get(arm, {}))
+            schema(envs[arm], code_dir)
+        for rnd in range(rounds):
+            new = sync_round(arms, envs, rnd, out_dir)
             windows += new
-            line = " ".join(f"{'AB'[ARMS.index(w.arm)]}={w.rps:.0f}" for w in new if w.rep >= 0)
-            print(f"  {family} round {rnd + 1}/{plan.rps_rounds} (req/s): {line}", flush=True)
+            line = " ".join(describe(w) for w in new if w.rep >= 0)
+            print(f"  {family} round {rnd + 1}/{rounds}: {line}", flush=True)
     finally:
         for name in databases.values():
             drop_quietly(family, name)
-    return summarise_rps(windows)
+    return windows
+
+
+def run_rps_family(family: str, plan: Plan, pool: Pool) -> dict[str, Any]:
+    arms = SyncArms(ARMS, {arm: _SNAPSHOT_FIRST + _RPS_CONF_SOURCE[arm] for arm in ARMS}, plan, pool)
+    describe: Callable[[Window], str] = lambda w: f"{'AB'[ARMS.index(w.arm)]}={w.rps:.0f} req/s"  # noqa: E731
+    return summarise_rps(sync_rounds(family, arms, {}, plan.rps_rounds, OUT_DIR / f"rps-{family}", CODE_DIR, describe))
 
 
 def summarise_rps(windows: list[Window]) -> dict[str, Any]:
@@ -637,7 +648,7 @@ def run_rps_part(plan: Plan) -> dict[str, dict[str, Any]]:
 
     results: dict[str, dict[str, Any]] = {}
     # The client processes are forked once, before any server starts, and reused.
-    with multiprocessing.get_context("fork").Pool(plan.client_procs) as pool:
+    with multiprocessing.get_context("fork").Pool(plan.clients.procs) as pool:
         for family in plan.families:
             results[family] = run_rps_family(family, plan, pool)
     return results
@@ -715,8 +726,8 @@ def _rps_section(plan: Plan, rps: dict[str, dict[str, Any]]) -> list[str]:
         "correct too), GET /echo?m=<marker>: one SELECT that echoes the marker and one INSERT of it. "
         f"{plan.rps_rounds} rounds per database; each round starts fresh masters for both arms (each arm on its "
         f"own fresh database for the whole run), warms both up ({plan.warmup_seconds:g} s each), then measures "
-        f"A B A B ... ({plan.rps_reps} windows of {plan.rps_seconds:g} s per arm). Load: {plan.client_procs} client "
-        f"processes x {plan.client_threads} threads, a new unix-socket connection per request. Rate = right "
+        f"A B A B ... ({plan.rps_reps} windows of {plan.rps_seconds:g} s per arm). Load: {plan.clients.procs} client "
+        f"processes x {plan.clients.threads} threads, a new unix-socket connection per request. Rate = right "
         "answers completed inside the window / window length. *Other work* is the CPU the machine spent during "
         "a window outside this bench, its servers, its clients and the database servers (/proc/stat less "
         "/proc/<pid>/stat): another user's load, which makes windows slow at random.",
@@ -773,14 +784,7 @@ def render(plan: Plan, env: dict[str, str], fork: dict[str, Any], rps: dict[str,
     )
     checked = sum(r["arms"][arm]["checked"]["requests"] for r in rps.values() for arm in ARMS)
     out = [
-        "# Gunicorn benchmark: what serverhooks costs",
-        "",
-        f"Written by `python -m bench.gunicorn_bench{' --quick' if plan.mode == 'quick' else ''}` ({plan.mode} run, "
-        f"{took:.0f} s); bench/README.md says what each figure means. Regenerate rather than edit.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| date | {env['date']} |",
+        *report_head("Gunicorn benchmark: what serverhooks costs", "bench.gunicorn_bench", plan.mode, took, env),
         f"| machine | {env['cores']} cores ({env['usable_cores']} usable), {env['cpu']}, {env['os']}; shared with "
         f"other work (load average before: {env['load_before']}; after: {env['load_after']}) |",
         f"| Python | {env['python']} |",
@@ -825,13 +829,8 @@ def render(plan: Plan, env: dict[str, str], fork: dict[str, Any], rps: dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="What serverhooks costs under Gunicorn; writes bench/RESULTS.md.")
-    parser.add_argument("--quick", action="store_true", help="short smoke run (under a minute)")
-    args = parser.parse_args(argv)
+    args = bench_arguments("What serverhooks costs under Gunicorn; writes bench/RESULTS.md.", RESULTS_PATH, argv)
     plan = QUICK if args.quick else FULL
-    os.chdir(REPO)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from tests.support import dbserver
 
     for family in ("mysql", "postgres"):
@@ -852,11 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["load_after"] = load_average()
     took = time.monotonic() - started
     raw = {"plan": dataclasses.asdict(plan), "env": env, "fork_records": fork_records, "fork": fork, "rps": rps}
-    (OUT_DIR / "raw.json").write_text(json.dumps(raw, indent=1))
-    report = render(plan, env, fork, rps, took)
-    RESULTS_PATH.write_text(report)
-    print(report)
-    return 0
+    return write_report(OUT_DIR, raw, render(plan, env, fork, rps, took), args.results)
 
 
 if __name__ == "__main__":

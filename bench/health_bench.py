@@ -21,7 +21,6 @@ check, alternated, as a share of a request's worker CPU. The end-to-end ratios, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -36,16 +35,17 @@ from typing import Any
 from bench.common import (
     BENCH_DIR,
     FAMILY_TITLE,
-    REPO,
+    Clients,
+    bench_arguments,
     bootstrap,
     drop_quietly,
     environment,
     median,
-    schema,
     snapshot_code,
+    write_report,
     yes,
 )
-from bench.gunicorn_bench import LoadCounts, Window, _load, _project_env
+from bench.gunicorn_bench import LoadCounts, SyncArms, Window, _project_env, sync_rounds
 
 OUT_DIR = BENCH_DIR / "out" / "health"
 CODE_DIR = OUT_DIR / "code"
@@ -65,58 +65,27 @@ _CONF = f"import sys\nsys.path.insert(0, {str(CODE_DIR)!r})\nfrom serverhooks.gu
 class Plan:
     mode: str
     rounds: int  # fresh masters for every arm, per database
-    windows_per_arm: int  # measured windows per arm within a round, alternated A B C
-    window_seconds: float
+    rps_reps: int  # measured windows per arm within a round, alternated A B C
+    rps_seconds: float  # one measured window
     warmup_seconds: float
-    client_procs: int = 2
-    client_threads: int = 3  # per client process
+    clients: Clients = dataclasses.field(default_factory=lambda: Clients(procs=2, threads=3))
 
 
-QUICK = Plan("quick", rounds=1, windows_per_arm=2, window_seconds=1.0, warmup_seconds=0.3)
-FULL = Plan("full", rounds=5, windows_per_arm=4, window_seconds=2.5, warmup_seconds=1.0)
-
-
-def _round(family: str, rnd: int, envs: dict[str, dict[str, str]], plan: Plan, pool: Any) -> list[Window]:
-    from tests.support import procs
-
-    servers = {}
-    windows: list[Window] = []
-    try:
-        for arm in ARMS:
-            settings = {"_source": _CONF, "preload_app": True, "worker_class": "sync", "loglevel": "info"}
-            tmp = OUT_DIR / f"{family}-r{rnd}-{arm.replace(' ', '-')}"
-            servers[arm] = procs.start_gunicorn(tmp, envs[arm], settings=settings, workers=2)
-        for arm in ARMS:
-            servers[arm].wait_ready(60.0)
-            windows.append(_load(pool, servers[arm], plan.warmup_seconds, plan, arm, rnd, -1))  # type: ignore[arg-type]
-        for rep in range(plan.windows_per_arm):
-            for arm in ARMS:
-                windows.append(_load(pool, servers[arm], plan.window_seconds, plan, arm, rnd, rep))  # type: ignore[arg-type]
-    finally:
-        for server in servers.values():
-            server.stop()
-    return windows
+QUICK = Plan("quick", rounds=1, rps_reps=2, rps_seconds=1.0, warmup_seconds=0.3)
+FULL = Plan("full", rounds=5, rps_reps=4, rps_seconds=2.5, warmup_seconds=1.0)
 
 
 def run_family(family: str, plan: Plan, pool: Any) -> dict[str, Any]:
-    from tests.support import dbserver
-
-    databases: dict[str, str] = {}
-    windows: list[Window] = []
-    try:
-        envs = {}
-        for arm in ARMS:
-            databases[arm] = dbserver.create_database(family)
-            envs[arm] = _project_env(dbserver.django_url(family, databases[arm]), **ARM_ENV[arm])
-            schema(envs[arm], CODE_DIR)
-        for rnd in range(plan.rounds):
-            new = _round(family, rnd, envs, plan, pool)
-            windows += new
-            line = " ".join(f"{w.arm}={w.worker_cpu_us_per_request:.0f}us" for w in new if w.rep >= 0)
-            print(f"  {family} round {rnd + 1}/{plan.rounds}: {line}", flush=True)
-    finally:
-        for name in databases.values():
-            drop_quietly(family, name)
+    arms = SyncArms(ARMS, dict.fromkeys(ARMS, _CONF), plan, pool)
+    windows = sync_rounds(
+        family,
+        arms,
+        ARM_ENV,
+        plan.rounds,
+        OUT_DIR / family,
+        CODE_DIR,
+        lambda w: f"{w.arm}={w.worker_cpu_us_per_request:.0f}us",
+    )
     return summarise(windows)
 
 
@@ -200,7 +169,7 @@ def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], 
         "",
         f"`python -m bench.health_bench{' --quick' if plan.mode == 'quick' else ''}`, {plan.mode} run, "
         f"{took / 60:.1f} min. See the module's docstring for the arms; {plan.rounds} rounds x "
-        f"{plan.windows_per_arm} windows of {plan.window_seconds:g} s per arm, per database.",
+        f"{plan.rps_reps} windows of {plan.rps_seconds:g} s per arm, per database.",
         "",
         "| | " + " | ".join(FAMILY_TITLE[f] for f in results) + " |",
         "|---|" + "---|" * len(results),
@@ -251,20 +220,14 @@ def render(plan: Plan, env: dict[str, str], results: dict[str, dict[str, Any]], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The idle-session check's cost; writes bench/HEALTH_RESULTS.md.")
-    parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--results", default=str(RESULTS_PATH), help="where to write the results file")
-    args = parser.parse_args(argv)
+    args = bench_arguments("The idle-session check's cost; writes bench/HEALTH_RESULTS.md.", RESULTS_PATH, argv)
     plan = QUICK if args.quick else FULL
-    os.chdir(REPO)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     shutil.rmtree(OUT_DIR, ignore_errors=True)
     OUT_DIR.mkdir(parents=True)
     started = time.monotonic()
     env = {**environment(), **snapshot_code(CODE_DIR)}
     results: dict[str, dict[str, Any]] = {}
-    with multiprocessing.get_context("fork").Pool(plan.client_procs) as pool:
+    with multiprocessing.get_context("fork").Pool(plan.clients.procs) as pool:
         for family in ("mysql", "postgres"):
             results[family] = run_family(family, plan, pool)
     for family in ("mysql", "postgres"):
@@ -274,12 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[family]["direct"] = {**direct, "added_us_per_request": added, "share": share}
         results[family]["target_met"] = share <= CPU_TARGET - 1
     took = time.monotonic() - started
-    (OUT_DIR / "raw.json").write_text(json.dumps({"plan": dataclasses.asdict(plan), "results": results}, indent=1))
-    report = render(plan, env, results, took)
-    with open(args.results, "w") as out:
-        out.write(report)
-    print(report)
-    return 0
+    raw = {"plan": dataclasses.asdict(plan), "results": results}
+    return write_report(OUT_DIR, raw, render(plan, env, results, took), args.results)
 
 
 if __name__ == "__main__":

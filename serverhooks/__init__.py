@@ -15,15 +15,11 @@ a server we ship no adapter for:
 
 from __future__ import annotations
 
+from serverhooks.counters import stats
+from serverhooks.fork import abandon_inherited, close_before_fork
 from serverhooks.forkguard import fork_guard_installed, install_fork_guard, uninstall_fork_guard
-from serverhooks.lifecycle import (
-    abandon_inherited,
-    close_at_exit,
-    close_before_fork,
-    prepare_worker,
-    release_connections,
-)
-from serverhooks.stats import stats
+from serverhooks.release import release_connections
+from serverhooks.worker import close_at_exit, prepare_worker
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "doctor":
         print("usage: serverhooks doctor [--help]", file=sys.stderr)
         return 2
-    from serverhooks.doctor import main as doctor
+    from serverhooks.doctor.cli import main as doctor
 
     return doctor(argv[1:])
 

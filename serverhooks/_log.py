@@ -7,10 +7,11 @@ DSN ever reaches a log.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+
+__all__ = ["describe_error", "logger", "redact", "remember_secret", "say_once"]
 
 logger = logging.getLogger("serverhooks")
 
@@ -52,20 +53,3 @@ def say_once(key: str, level: int, message: str, *args: object) -> None:
         return
     _said.add(key)
     logger.log(level, message, *args)
-
-
-@contextlib.contextmanager
-def never_raise(hook: str, server: str) -> Iterator[None]:
-    """Log an exception from a hook instead of raising it into the server.
-
-    An exception in Gunicorn's post_fork halts the master; in uWSGI's post-fork
-    chain it skips every later function. Neither is acceptable for a safety hook.
-    """
-    from serverhooks.stats import counters
-
-    try:
-        yield
-    except Exception as exc:
-        counters().errors += 1
-        logger.warning("serverhooks: the %s hook failed: %s; %s carries on.", hook, describe_error(exc), server)
-        logger.debug("serverhooks: %s traceback", hook, exc_info=True)

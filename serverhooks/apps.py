@@ -19,12 +19,10 @@ class ServerhooksConfig(AppConfig):
         import django.db  # noqa: F401 - tracking needs it, and Django is set up by now
 
         from serverhooks import (
+            _adapter,
             checks,  # noqa: F401 - registers the system checks
-            conf,
-            forkguard,
-            lifecycle,
+            registry,
         )
 
-        lifecycle.start_tracking()
-        if conf.get("FORK_GUARD"):
-            forkguard.install_fork_guard()
+        registry.start_tracking()
+        _adapter.arm_fork_guard()

@@ -25,7 +25,6 @@ it runs, serverhooks has already detached the connection, so it finds nothing to
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 try:
@@ -35,8 +34,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "serverhooks.celery needs Celery: pip install 'serverhooks[celery]' (or pip install celery)."
     ) from exc
 
-from serverhooks import _django, conf, forkguard, lifecycle
-from serverhooks._log import never_raise
+from serverhooks import _adapter, _django, conf, fork, registry
+from serverhooks.pool import core as pool_core
+from serverhooks.worker import close_at_exit
 
 __all__ = [
     "on_task_postrun",
@@ -50,29 +50,28 @@ __all__ = [
 
 
 def _guarded(hook: str) -> Any:
-    return never_raise(hook, "Celery")
+    return _adapter.never_raise(hook, "Celery")
 
 
 def on_worker_init(**kwargs: Any) -> None:
     """Main process, before the pool starts: follow connections and guard the pool's forks."""
     with _guarded("worker_init"):
-        if _django.loaded_db() is not None:
-            lifecycle.start_tracking()
-            if conf.get("FORK_GUARD"):
-                forkguard.install_fork_guard()
+        registry.start_tracking()
+        _adapter.arm_fork_guard()
 
 
 def on_worker_process_init(**kwargs: Any) -> None:
     """Prefork pool child, first thing: abandon what the parent had open."""
     with _guarded("worker_process_init"):
-        lifecycle.abandon_inherited()
-        lifecycle.prepare_worker()
+        fork.abandon_inherited()
+        _adapter.worker_ready(first_worker_of_server=False)
 
 
 def on_worker_ready(**kwargs: Any) -> None:
     """Main process, consuming: the threads and gevent pools run tasks right here."""
     with _guarded("worker_ready"):
-        lifecycle.prepare_worker()
+        # The main process, once per worker start: it also checks the databases.
+        _adapter.worker_ready(first_worker_of_server=True)
 
 
 def _is_eager(task: Any) -> bool:
@@ -104,9 +103,8 @@ def on_task_postrun(task: Any = None, **kwargs: Any) -> None:
     with _guarded("task_postrun"):
         if _is_eager(task):
             return
-        gevent_pool = sys.modules.get("serverhooks.pool")
-        if gevent_pool is not None and gevent_pool.active():
-            gevent_pool.release_current()
+        if pool_core.any_active():
+            pool_core.release_current()
             return
         db = _django.loaded_db()
         if db is not None:
@@ -116,12 +114,12 @@ def on_task_postrun(task: Any = None, **kwargs: Any) -> None:
 
 def on_worker_process_shutdown(**kwargs: Any) -> None:
     with _guarded("worker_process_shutdown"):
-        lifecycle.close_at_exit()
+        close_at_exit()
 
 
 def on_worker_shutdown(**kwargs: Any) -> None:
     with _guarded("worker_shutdown"):
-        lifecycle.close_at_exit()
+        close_at_exit()
 
 
 _CONNECTIONS = {

@@ -10,12 +10,12 @@ from typing import Any
 
 from django.core import checks
 
-from serverhooks.doctor import deployment, rules
+from serverhooks.doctor import django_settings, rules
 
 
 @checks.register(checks.Tags.database, deploy=True)
 def serverhooks_deploy_checks(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[checks.Warning]:
-    django = deployment.read_django(live=bool(databases))
+    django = django_settings.read_django(live=bool(databases), set_up=False)
     if django is None:
         return []
     return [

@@ -23,10 +23,8 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from django.db.utils import Error as DjangoDatabaseError
-
 from serverhooks._log import describe_error, logger
-from serverhooks.stats import counters
+from serverhooks.counters import counters
 
 __all__ = ["busy", "guard", "unguard"]
 
@@ -39,7 +37,7 @@ def _run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> 
     db._serverhooks_busy = getattr(db, "_serverhooks_busy", 0) + 1
     try:
         return call(*args, **kwargs)
-    except DjangoDatabaseError:
+    except _database_errors:
         raise
     except BaseException as exc:
         _close_interrupted(db, exc)
@@ -113,8 +111,18 @@ def _make_guarded(original: Callable[[Any, Any], Any], db: Any, cursor: Any) -> 
     return wrapped
 
 
+# Django's database errors (set by the first guard(), importing django.db.utils only then):
+# the driver has read the error reply, so the protocol is in step. Until then, nothing is one.
+_database_errors: tuple[type[BaseException], ...] = ()
+
+
 def guard(db: Any) -> None:
     """Guard every cursor this DatabaseWrapper makes from now on; idempotent."""
+    global _database_errors
+    if not _database_errors:
+        from django.db.utils import Error
+
+        _database_errors = (Error,)
     if "make_cursor" in vars(db):
         return
     cls = type(db)

@@ -12,43 +12,44 @@ no-ops. Installing twice registers once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
-from serverhooks import lifecycle
+from serverhooks import conf, fork
 from serverhooks._log import describe_error, logger
+from serverhooks._process import once
 
-_registered = False
+__all__ = ["arm_if_configured", "fork_guard_installed", "install_fork_guard", "uninstall_fork_guard"]
+
 _enabled = False
+
+
+def _quietly(step: Callable[[], object], where: str) -> None:
+    """An at-fork handler must never raise: it would surface in whatever code forked."""
+    try:
+        step()
+    except Exception as exc:
+        logger.warning("serverhooks: fork guard (%s): %s", where, describe_error(exc))
 
 
 def _before() -> None:
     if _enabled:
-        try:
-            lifecycle.hold_for_fork()
-        except Exception as exc:
-            logger.warning("serverhooks: fork guard (parent, before fork): %s", describe_error(exc))
+        _quietly(fork.hold_for_fork, "parent, before fork")
 
 
 def _after_in_parent() -> None:
-    lifecycle.release_hold()
+    fork.release_hold()
 
 
 def _after_in_child() -> None:
-    if _enabled:
-        try:
-            lifecycle.abandon_inherited_after_guarded_fork()
-        except Exception as exc:
-            logger.warning("serverhooks: fork guard (child): %s", describe_error(exc))
-    else:
-        lifecycle.release_hold()
+    _quietly(fork.abandon_after_guarded_fork if _enabled else fork.release_hold, "child")
 
 
 def install_fork_guard() -> None:
     """Treat the child of every later `os.fork()` in this process and its descendants."""
-    global _registered, _enabled
+    global _enabled
     _enabled = True
-    if not _registered:
+    if once("forkguard.register_at_fork"):
         os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
-        _registered = True
 
 
 def uninstall_fork_guard() -> None:
@@ -59,3 +60,9 @@ def uninstall_fork_guard() -> None:
 
 def fork_guard_installed() -> bool:
     return _enabled
+
+
+def arm_if_configured() -> None:
+    """Install the guard unless SERVERHOOKS['FORK_GUARD'] is off: what every adapter does."""
+    if conf.get("FORK_GUARD"):
+        install_fork_guard()

@@ -11,16 +11,24 @@ were decided before the patch, when Django or a driver was imported early
 2. Drivers: psycopg 3 picked a blocking C wait function at import; psycopg2 needs a
    wait callback (psycogreen); mysqlclient blocks the hub on every query.
 3. The connection pool (`serverhooks.pool`), unless SERVERHOOKS['GEVENT_POOL'] is off.
+
+Each change keeps what it replaced: `undo_gevent_changes()` puts everything back.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from serverhooks import conf, lifecycle
+from serverhooks import _internals, conf, registry
 from serverhooks._log import describe_error, logger, say_once
+
+__all__ = ["gevent_patched", "prepare_gevent_worker", "undo_gevent_changes"]
+
+# What to run, newest first, to put back what prepare_gevent_worker changed.
+_undo: list[Callable[[], None]] = []
 
 
 def gevent_patched() -> bool:
@@ -35,20 +43,21 @@ def gevent_patched() -> bool:
 def make_connection_state_per_greenlet() -> list[str]:
     """Rebuild Django's connection storage if it predates the patch; returns what was reset."""
     from asgiref.local import Local
-    from django.db import connections as django_connections
+    from django.db import connections
     from gevent.local import local as greenlet_local
 
-    connections: Any = django_connections
     # Whatever this greenlet opened so far (the app's import in this worker) is this
     # worker's own: close it cleanly, or it would idle outside the pool for good.
-    for wrapper in connections.all(initialized_only=True):
+    for wrapper in registry.this_thread_wrappers():
         try:
-            lifecycle.close_wrapper(wrapper)
+            registry.close_wrapper(wrapper)
         except Exception as exc:
             logger.debug("serverhooks: closing %r before the storage reset: %s", wrapper.alias, describe_error(exc))
-    if isinstance(getattr(connections._connections, "_storage", None), greenlet_local):
+    storage = _internals.connection_storage(connections)
+    if storage is None or isinstance(_internals.local_storage(storage), greenlet_local):
         return []
-    connections._connections = Local(connections.thread_critical)
+    old = _internals.replace_connection_storage(connections, Local(connections.thread_critical))
+    _undo.append(lambda: _internals.replace_connection_storage(connections, old))
     return ["django.db.connections (per OS thread -> per greenlet)"]
 
 
@@ -62,11 +71,11 @@ def make_drivers_cooperative() -> list[str]:
     """Fix or flag drivers that would block the gevent hub; returns what was changed."""
     changed: list[str] = []
     waiting: Any = sys.modules.get("psycopg.waiting")
-    if waiting is not None and getattr(waiting, "wait_c", None) is not None and waiting.wait is waiting.wait_c:
-        # Imported before the patch: psycopg chose its C wait, which blocks. The
-        # poll-based one uses select.poll, which gevent made cooperative.
-        waiting.wait = waiting.wait_poll
-        waiting._ready = waiting._ready_poll
+    # Imported before the patch, psycopg chose its C wait, which blocks. The poll-based
+    # one uses select.poll, which gevent made cooperative.
+    undo = _internals.use_psycopg_poll_wait(waiting) if waiting is not None else None
+    if undo is not None:
+        _undo.append(undo)
         changed.append("psycopg.waiting.wait (wait_c -> wait_poll)")
     if _aliases_with_vendor("postgresql"):
         changed += _make_psycopg2_cooperative()
@@ -97,6 +106,7 @@ def _make_psycopg2_cooperative() -> list[str]:
         )
         return []
     patch_psycopg()
+    _undo.append(lambda: psycopg2.extensions.set_wait_callback(None))
     return ["psycopg2 wait callback (psycogreen)"]
 
 
@@ -122,9 +132,10 @@ def prepare_gevent_worker() -> None:
         changed = make_drivers_cooperative()
         pooled: list[str] = []
         if conf.get("GEVENT_POOL"):
-            from serverhooks import pool
+            from serverhooks.pool import core, gevent
 
-            pooled = pool.activate(conf.get("POOL_SIZE"), conf.get("POOL_TIMEOUT"))
+            pooled = gevent.activate(conf.get("POOL_SIZE"), conf.get("POOL_TIMEOUT"))
+            _undo.append(core.deactivate)
         logger.debug(
             "serverhooks: gevent worker ready; reset: %s; drivers: %s; pooled aliases: %s (size %s)",
             ", ".join(reset) or "nothing",
@@ -134,3 +145,12 @@ def prepare_gevent_worker() -> None:
         )
     except Exception as exc:
         logger.warning("serverhooks: preparing the gevent worker failed: %s", describe_error(exc))
+
+
+def undo_gevent_changes() -> None:
+    """Put back everything prepare_gevent_worker changed, newest first."""
+    while _undo:
+        try:
+            _undo.pop()()
+        except Exception as exc:
+            logger.warning("serverhooks: undoing a gevent change failed: %s", describe_error(exc))

@@ -22,10 +22,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-# greenlets and probe run in workers: importing them here, in the master, spares
-# every worker the import (and its copy-on-write page faults).
-from serverhooks import _django, forkguard, greenlets, lifecycle, probe  # noqa: F401
-from serverhooks._log import logger, never_raise, say_once
+# Everything the workers run is imported here, in the master: that spares every worker the
+# import (and its copy-on-write page faults). None of it imports django.db.
+from serverhooks import _adapter, _django, fork
+from serverhooks._log import logger, say_once
+from serverhooks.worker import close_at_exit
 
 __all__ = ["on_exit", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit"]
 
@@ -33,7 +34,7 @@ Hook = Callable[..., None]
 
 
 def _never_raise(hook: str) -> contextlib.AbstractContextManager[None]:
-    return never_raise(hook, "Gunicorn")
+    return _adapter.never_raise(hook, "Gunicorn")
 
 
 def _route_logs_to_gunicorn(glog: Any) -> None:
@@ -49,18 +50,13 @@ def _route_logs_to_gunicorn(glog: Any) -> None:
     logger.propagate = False
 
 
-_hooks_checked = False
-
-
 def _warn_about_replaced_hooks(cfg: Any) -> None:
     """A hook defined after the star import silently replaces ours: say how to keep both.
 
-    Once per master: workers inherit the flag (and the config) from it.
+    Once per master: workers inherit that it was done (and the config) from it.
     """
-    global _hooks_checked
-    if _hooks_checked:
+    if not _adapter.once("gunicorn.replaced-hooks"):
         return
-    _hooks_checked = True
     for name in __all__:
         try:
             current = cfg.settings[name].get()
@@ -94,19 +90,15 @@ def pre_fork(server: Any, worker: Any) -> None:
         _route_logs_to_gunicorn(server.log)
         _warn_about_replaced_hooks(server.cfg)
         _say_if_django_unusable()
-        lifecycle.close_before_fork()
-        if _django.loaded_db() is not None:
-            from serverhooks import conf
-
-            if conf.get("FORK_GUARD"):
-                forkguard.install_fork_guard()
+        fork.close_before_fork()
+        _adapter.arm_fork_guard()
 
 
 @_ours
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, right after the fork: abandon every inherited connection."""
     with _never_raise("post_fork"):
-        lifecycle.abandon_inherited()
+        fork.abandon_inherited()
 
 
 @_ours
@@ -116,7 +108,7 @@ def post_worker_init(worker: Any) -> None:
         _route_logs_to_gunicorn(worker.log)
         _warn_about_replaced_hooks(worker.cfg)
         # The first worker a master spawns checks the databases; respawns do not.
-        lifecycle.prepare_worker(probe_databases=getattr(worker, "age", 0) == 1)
+        _adapter.worker_ready(first_worker_of_server=getattr(worker, "age", 0) == 1)
 
 
 @_ours
@@ -128,21 +120,21 @@ def worker_exit(server: Any, worker: Any) -> None:
             # (ESRCH). Its connections died with it; the master's are not its own.
             logger.debug("serverhooks: worker %s is already gone; nothing to close here", worker.pid)
             return
-        lifecycle.close_at_exit()
+        close_at_exit()
 
 
 @_ours
 def pre_exec(server: Any) -> None:
     """Re-exec child (USR2), before exec: nothing inherited may survive into the new master."""
     with _never_raise("pre_exec"):
-        lifecycle.abandon_inherited()
+        fork.abandon_inherited()
 
 
 @_ours
 def on_exit(server: Any) -> None:
     """Master exiting: close whatever it opened since the last fork."""
     with _never_raise("on_exit"):
-        lifecycle.close_at_exit()
+        close_at_exit()
 
 
 _HOOKS: dict[str, Hook] = {name: globals()[name] for name in __all__}

@@ -29,7 +29,7 @@ from typing import Any
 
 from serverhooks import conf, sockets
 from serverhooks._log import describe_error, logger
-from serverhooks.stats import counters
+from serverhooks.counters import counters
 
 __all__ = ["close_ended_in_this_thread", "close_if_ended", "session_ended", "unwatch", "watch"]
 

@@ -12,6 +12,9 @@ import threading
 
 from serverhooks import _django
 from serverhooks._log import describe_error, logger, remember_secret
+from serverhooks.release import release_connections
+
+__all__ = ["probe_databases", "probe_in_background"]
 
 
 def probe_databases() -> dict[str, str]:
@@ -48,8 +51,6 @@ def probe_databases() -> dict[str, str]:
                 alias,
             )
     # Under the gevent pool this thread is a greenlet holding pooled connections.
-    from serverhooks.lifecycle import release_connections
-
     release_connections()
     return results
 

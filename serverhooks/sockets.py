@@ -20,10 +20,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from serverhooks import _internals
 from serverhooks._log import describe_error, logger
+
+__all__ = ["driver_name", "keep_forever", "neutralise", "socket_fd"]
 
 # Objects that must never be finalised in this process (see module docstring).
 _never_finalise: list[object] = []
+
+
+def keep_forever(obj: object) -> None:
+    """Keep `obj` referenced for the life of the process: its finaliser never runs here."""
+    _never_finalise.append(obj)
 
 
 _DRIVERS = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "psycopg": "psycopg", "psycopg2": "psycopg2"}
@@ -45,7 +53,7 @@ def socket_fd(raw: Any) -> int | None:
     driver = driver_name(raw)
     try:
         if driver == "pymysql":
-            sock = getattr(raw, "_sock", None)
+            sock = _internals.pymysql_socket(raw)
             return sock.fileno() if sock is not None else None
         if driver == "psycopg":
             return None if raw.closed else int(raw.pgconn.socket)

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from serverhooks import _django, health
-from serverhooks.lifecycle import close_wrapper, release_connections
+from serverhooks.registry import close_wrapper
+from serverhooks.release import release_connections
 
 __all__ = ["Thread", "ThreadPoolExecutor", "releasing"]
 

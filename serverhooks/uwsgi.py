@@ -36,8 +36,10 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from serverhooks import _django, forkguard, greenlets, lifecycle, probe  # noqa: F401 - see gunicorn.py
-from serverhooks._log import never_raise, say_once
+# Everything the workers run is imported here, in the master (see gunicorn.py).
+from serverhooks import _adapter, _django, fork
+from serverhooks._log import say_once
+from serverhooks.worker import close_at_exit
 
 __all__ = ["postfork"]
 
@@ -50,17 +52,28 @@ except ImportError:
 
 
 def _never_raise(hook: str) -> contextlib.AbstractContextManager[None]:
-    return never_raise(hook, "uWSGI")
+    return _adapter.never_raise(hook, "uWSGI")
 
 
 def _has_master() -> bool:
     return uwsgi is not None and bool(uwsgi.masterpid())
 
 
+def _first_worker_of_server() -> bool:
+    """Worker 1 on its first spawn: the one that checks the databases, as Gunicorn's first worker does."""
+    if uwsgi is None or uwsgi.worker_id() != 1:
+        return False
+    try:
+        me = next(w for w in uwsgi.workers() if w.get("id") == 1)
+        return int(me.get("respawn_count", 0)) == 0  # 0 on the first spawn, 1 on the first respawn
+    except Exception:  # an older uWSGI without the count: probing once more is harmless
+        return True
+
+
 def _prepare_when_app_is_loaded() -> None:
-    """prepare_worker needs the app (and gevent's patch): now, or at the first request."""
+    """The worker-ready step needs the app (and gevent's patch): now, or at the first request."""
     if _django.loaded_settings_are_configured():
-        lifecycle.prepare_worker(probe_databases=uwsgi is not None and uwsgi.worker_id() == 1)
+        _adapter.worker_ready(first_worker_of_server=_first_worker_of_server())
         return
     # lazy-apps: this runs before the app is imported; Django's first request
     # signal comes after both the app and any gevent patching.
@@ -69,7 +82,7 @@ def _prepare_when_app_is_loaded() -> None:
     def prepare_once(**kwargs: Any) -> None:
         request_started.disconnect(dispatch_uid="serverhooks.uwsgi.prepare")
         with _never_raise("first request"):
-            lifecycle.prepare_worker(probe_databases=uwsgi is not None and uwsgi.worker_id() == 1)
+            _adapter.worker_ready(first_worker_of_server=_first_worker_of_server())
 
     request_started.connect(prepare_once, weak=False, dispatch_uid="serverhooks.uwsgi.prepare")
 
@@ -77,7 +90,7 @@ def _prepare_when_app_is_loaded() -> None:
 def after_fork_in_worker() -> None:
     """First in uWSGI's post-fork chain, in every worker: abandon, then get ready."""
     with _never_raise("postfork"):
-        lifecycle.abandon_inherited()
+        fork.abandon_inherited()
         _prepare_when_app_is_loaded()
 
 
@@ -87,19 +100,18 @@ def _close_in_master_before_fork() -> None:
     chance to end the session the master opened while loading the app."""
     if uwsgi is not None and uwsgi.worker_id() == 0 and uwsgi.masterpid() == os.getpid():
         with _never_raise("before fork (master)"):
-            lifecycle.close_before_fork()
+            fork.close_before_fork()
 
 
 def _close_at_exit() -> None:
     with _never_raise("atexit"):
-        lifecycle.close_at_exit()
+        close_at_exit()
 
 
 def install() -> None:
     """What `import = serverhooks.uwsgi` does; idempotent."""
-    if uwsgi is None or getattr(uwsgi, "_serverhooks_installed", False):
+    if uwsgi is None or not _adapter.once("uwsgi.install"):
         return
-    uwsgi._serverhooks_installed = True
     previous_atexit = getattr(uwsgi, "atexit", None)
 
     def at_exit() -> None:
@@ -155,7 +167,7 @@ def _register(function: F, worker_id: int) -> F:
     def run() -> None:
         if worker_id and uwsgi.worker_id() != worker_id:
             return
-        lifecycle.abandon_inherited()  # idempotent; covers a chain where ours is missing
+        fork.abandon_inherited()  # idempotent; covers a chain where ours is missing
         function()
 
     uwsgidecorators.postfork_chain.append(run)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def render(reports: list[ArmReport], url: str, workers: int) -> str:
         "",
         f"{'':32}" + "".join(f"{r.name:>24}" for r in reports),
     ]
-    rows = [
+    rows: list[tuple[str, Callable[[ArmReport], str]]] = [
         ("right answers", lambda r: f"{r.ok}/{r.requests}"),
         ("wrong answers (HTTP 200!)", lambda r: str(r.wrong)),
         ("errors", lambda r: str(len(r.errors))),

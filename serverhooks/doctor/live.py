@@ -41,7 +41,8 @@ def server_kind(pid: int) -> str:
     raise DoctorError(f"process {pid} is not a Gunicorn, uWSGI or Celery master (it runs: {shown})")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """A process's direct children, from /proc."""
     found: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -51,7 +52,7 @@ def _children(pid: int) -> list[int]:
     return sorted(set(found))
 
 
-def _tcp_peers(ports: dict[int, str]) -> dict[int, str]:
+def tcp_peers(ports: dict[int, str]) -> dict[int, str]:
     """inode -> peer description, for TCP sockets connected to a database port."""
     peers: dict[int, str] = {}
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
@@ -69,6 +70,19 @@ def _tcp_peers(ports: dict[int, str]) -> dict[int, str]:
     return peers
 
 
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of every socket a process holds (PermissionError, FileNotFoundError as /proc says)."""
+    inodes: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def _ip(hex_address: str) -> str:
     if len(hex_address) == 8:
         return ".".join(str(int(hex_address[i : i + 2], 16)) for i in (6, 4, 2, 0))
@@ -78,26 +92,17 @@ def _ip(hex_address: str) -> str:
 def inspect(pid: int, extra_ports: dict[int, str] | None = None) -> tuple[str, list[ProcessSockets]]:
     kind = server_kind(pid)
     ports = {**DATABASE_PORTS, **(extra_ports or {})}
-    peers = _tcp_peers(ports)
-    processes = [(pid, "master"), *((child, "worker") for child in _children(pid))]
+    peers = tcp_peers(ports)
+    processes = [(pid, "master"), *((child, "worker") for child in children(pid))]
     result = []
     for process, role in processes:
-        sockets: dict[int, str] = {}
         try:
-            for fd in os.listdir(f"/proc/{process}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{process}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inode = int(target[8:-1])
-                    if inode in peers:
-                        sockets[inode] = peers[inode]
+            inodes = socket_inodes(process)
         except PermissionError:
             raise DoctorError(f"cannot read the fds of process {process}: run the doctor as root") from None
         except FileNotFoundError:
             continue  # a worker that just exited
-        result.append(ProcessSockets(process, role, sockets))
+        result.append(ProcessSockets(process, role, {inode: peers[inode] for inode in inodes if inode in peers}))
     return kind, result
 
 

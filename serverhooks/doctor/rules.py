@@ -5,8 +5,13 @@ Ids are stable and documented in the README's table; never reuse a retired one.
 
 from __future__ import annotations
 
-from serverhooks.doctor.deployment import Database, Django, Server
+from typing import TYPE_CHECKING
+
+from serverhooks.doctor.django_settings import Database, Django
 from serverhooks.doctor.findings import Finding, Severity
+
+if TYPE_CHECKING:
+    from serverhooks.doctor.servers import Server
 
 ADAPTER_LINE = {
     "gunicorn": "add `from serverhooks.gunicorn import *` to gunicorn.conf.py",

@@ -18,8 +18,6 @@ from tests.support import dbserver, procs
 
 pytestmark = pytest.mark.celery
 
-PORTS = {"mysql": 3306, "postgres": 5432}
-
 
 @pytest.fixture
 def queue() -> Iterator[str]:
@@ -38,7 +36,7 @@ def _start(
     **env: Any,
 ) -> procs.Server:
     full_env = project_env(url, CELERY_QUEUE=queue, CELERY_BROKER_URL=dbserver.server_url("redis"), **env)
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=full_env, check=True, timeout=60)
+    procs.create_schema(full_env)
     server = procs.start_celery(tmp_path, full_env, pool=pool, concurrency=concurrency)
     servers.append(server)
     procs.wait_celery_ready(server)
@@ -62,12 +60,6 @@ def _echo_tasks(queue: str, count: int) -> tuple[list[str], list[dict[str, Any]]
     return markers, results, errors
 
 
-def _port(family: str) -> int:
-    from urllib.parse import urlsplit
-
-    return urlsplit(dbserver.server_url(family)).port or PORTS[family]
-
-
 @pytest.mark.parametrize("family", ["mysql", "postgres"])
 def test_prefork_control_arm_pool_shares_the_parents_socket(
     family: str, queue: str, fresh_database: Callable[[str], str], servers: list[procs.Server], tmp_path: Path
@@ -82,7 +74,7 @@ def test_prefork_control_arm_pool_shares_the_parents_socket(
         QUERY_BEFORE_FORK=1,
         CELERY_DJANGO_FIXUP=0,
     )
-    shared = procs.shared_inodes(procs.db_sockets([server.pid, *server.workers()], _port(family)))
+    shared = procs.shared_inodes(procs.db_sockets([server.pid, *server.workers()], dbserver.port(family)))
     assert any(server.pid in owners and len(owners) == 5 for owners in shared.values()), shared
 
 
@@ -111,7 +103,7 @@ def test_prefork_hooks_arm(
     assert errors == []
     assert [r["m"] for r in results] == markers, "every task got its own marker back"
     pool_pids = set(server.workers())
-    held = procs.db_sockets([server.pid, *pool_pids], _port(family))
+    held = procs.db_sockets([server.pid, *pool_pids], dbserver.port(family))
     assert procs.shared_inodes(held) == {}, held
     stored = {row[0] for row in dbserver.query(family, "SELECT marker FROM sh_hit", database=name)}
     assert stored == set(markers)

@@ -41,7 +41,8 @@ def _kubernetes_validate() -> ModuleType:
         import kubernetes_validate
     except ImportError:
         pytest.fail("kubernetes-validate is missing: it comes with the test extras", pytrace=False)
-    return kubernetes_validate
+    module: ModuleType = kubernetes_validate
+    return module
 
 
 def _load(name: str) -> list[dict[str, Any]]:

@@ -32,12 +32,6 @@ def _shipped() -> configparser.ConfigParser:
     return parser
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def pgbouncer(request: pytest.FixtureRequest, fresh_database: Callable[[str], str]) -> Iterator[tuple[str, int]]:
     """(database, port) of a PgBouncer in front of a fresh PostgreSQL database."""
@@ -58,7 +52,7 @@ def pgbouncer(request: pytest.FixtureRequest, fresh_database: Callable[[str], st
     # password= from here only together with user=).
     login = f" user={server.username or 'postgres'} password={server.password}" if server.password else ""
     config["databases"] = {name: f"host={server.hostname} port={server.port or 5432} dbname={name}{login}"}
-    port = _free_port()
+    port = procs.free_port()
     config["pgbouncer"].update(
         listen_port=str(port),
         unix_socket_dir="",

@@ -81,12 +81,6 @@ def _socket_activate() -> str:
     return _require_tool(["/usr/bin/systemd-socket-activate", "systemd-socket-activate"], "systemd")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
@@ -447,14 +441,14 @@ def test_nginx_site_passes_nginx_t(tmp_path: Path, site: str) -> None:
 
     Nothing else needs to exist: nginx -t neither connects to upstreams nor opens aliases.
     """
-    conf = _nginx_prefix(tmp_path, _site_for_test(site, _free_port(), static=tmp_path / "static"))
+    conf = _nginx_prefix(tmp_path, _site_for_test(site, procs.free_port(), static=tmp_path / "static"))
     out = _nginx_t(conf)
     assert out.returncode == 0 and "test is successful" in out.stderr, out.stderr
     assert "[warn]" not in out.stderr and "[emerg]" not in out.stderr, out.stderr
 
 
 def test_nginx_t_can_fail(tmp_path: Path) -> None:
-    text = _site_for_test("gunicorn", _free_port(), static=tmp_path / "static")
+    text = _site_for_test("gunicorn", procs.free_port(), static=tmp_path / "static")
     assert "client_max_body_size 10m;" in text
     broken = text.replace("client_max_body_size 10m;", "client_max_body_size 10m")  # missing semicolon
     out = _nginx_t(_nginx_prefix(tmp_path, broken))
@@ -660,7 +654,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     (work / "static").mkdir()
     (work / "static" / "app.css").write_text("body { color: teal }\n")
     (work / "deployapp.py").write_text(APP)
-    built = Stack(work=work, port=_free_port(), notify=NotifySocket(work / "notify.sock"))
+    built = Stack(work=work, port=procs.free_port(), notify=NotifySocket(work / "notify.sock"))
     yield built
     built.close()
     failed = getattr(request.node, "rep_call", None)
@@ -800,7 +794,7 @@ def _start_uwsgi(stack: Stack, *, graceful_hook: bool = True) -> tuple[Unit, sub
         assert "--hook-master-start" in command, "uwsgi.service lost its graceful-stop hook"
         at = command.index("--hook-master-start")
         del command[at : at + 2]
-    backend = f"127.0.0.1:{_free_port()}"
+    backend = f"127.0.0.1:{procs.free_port()}"
     env = _server_env(stack, service, UWSGI_SOCKET=backend, UWSGI_PROCESSES="2")
     master = stack.start(command, env, "uwsgi.log")
     assert stack.notify.wait_ready() == [master.pid], "READY=1 comes from the main pid (NotifyAccess=main)"

@@ -10,6 +10,7 @@ Inside the tests container it always skips: there is no Docker in Docker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import redis
 import yaml
 
 from tests.conftest import report
-from tests.support import dbserver, dockerstack
+from tests.support import dbserver, dockerstack, procs
 from tests.support.dockerstack import Ports
 
 pytestmark = pytest.mark.docker
@@ -127,26 +128,43 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 # ---- what the host's and the containers' servers saw -----------------------------------------------
 
 
-def _counters(mysql_url: str, postgres_url: str, redis_url: str) -> dict[str, int]:
-    """Connections each server has accepted since it started, from its own counters."""
-    with dbserver.admin("mysql", url=mysql_url) as mysql:
-        cur = mysql.cursor()
+class ServerCounters:
+    """Connections each server has accepted since it started, from its own counters.
+
+    Read twice over the same held connections, so that reading adds nothing to the count.
+    """
+
+    def __init__(self, mysql_url: str, postgres_url: str, redis_url: str) -> None:
+        self._stack = contextlib.ExitStack()
+        self.mysql = self._stack.enter_context(dbserver.admin("mysql", url=mysql_url))
+        self.postgres = self._stack.enter_context(dbserver.admin("postgres", url=postgres_url))
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self._stack.callback(self.redis.close)
+
+    def read(self) -> dict[str, int]:
+        cur = self.mysql.cursor()
         cur.execute("SHOW GLOBAL STATUS LIKE 'Connections'")
         mysql_total = int(cur.fetchone()[1])
-    with dbserver.admin("postgres", url=postgres_url) as pg:
-        row = pg.execute("SELECT sum(sessions) FROM pg_stat_database").fetchone()
-        pg_total = int(row[0]) if row else 0
-    info = redis.Redis.from_url(redis_url, socket_timeout=5).info("stats")
-    return {"mariadb": mysql_total, "postgres": pg_total, "redis": int(info["total_connections_received"])}
+        self.postgres.execute("SELECT pg_stat_clear_snapshot()")
+        row = self.postgres.execute("SELECT sum(sessions) FROM pg_stat_database").fetchone()
+        info = self.redis.info("stats")
+        return {
+            "mariadb": mysql_total,
+            "postgres": int(row[0]) if row else 0,
+            "redis": int(info["total_connections_received"]),
+        }
+
+    def close(self) -> None:
+        self._stack.close()
 
 
-def _host_counters() -> dict[str, int]:
+def host_counters() -> ServerCounters:
     """This machine's own servers: the ones the suite on the host uses."""
-    return _counters(*(dbserver.server_url(family) for family in ("mysql", "postgres", "redis")))
+    return ServerCounters(*(dbserver.server_url(family) for family in ("mysql", "postgres", "redis")))
 
 
-def _container_counters(stack: Stack) -> dict[str, int]:
-    return _counters(stack.url("mysql"), stack.url("postgres"), f"redis://127.0.0.1:{stack.ports.redis}/0")
+def container_counters(stack: Stack) -> ServerCounters:
+    return ServerCounters(stack.url("mysql"), stack.url("postgres"), f"redis://127.0.0.1:{stack.ports.redis}/0")
 
 
 # ---- the tests --------------------------------------------------------------------------------------
@@ -170,7 +188,7 @@ def test_tests_image_setup_at_build_time_makes_the_start_cheap(stack: Stack) -> 
 
 def test_a_broken_dockerfile_fails_the_build(stack: Stack, tmp_path: Path) -> None:
     """The control: without the line that gives the tests user its /repo, the build must fail."""
-    shipped = (dockerstack.REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    shipped = (procs.REPO / "deploy" / "docker" / "Dockerfile").read_text()
     broken = shipped.replace(" \\\n    && install -d -o tester -g tester /repo", "")
     assert broken != shipped
     (tmp_path / "Dockerfile").write_text(broken)
@@ -184,8 +202,8 @@ def test_a_broken_dockerfile_fails_the_build(stack: Stack, tmp_path: Path) -> No
 
 def test_the_compose_tests_service_passes_inside_the_container(stack: Stack) -> None:
     """`docker compose run --rm tests`: the image's own command, against the containers' servers."""
-    host_before = _host_counters()
-    containers_before = _container_counters(stack)
+    host, containers = host_counters(), container_counters(stack)
+    host_before, containers_before = host.read(), containers.read()
     log = stack.work / "tests-service.log"
     started = time.monotonic()
     done = stack.compose("run", "--rm", "tests", timeout=SUITE_TIMEOUT, log=log)
@@ -196,8 +214,9 @@ def test_the_compose_tests_service_passes_inside_the_container(stack: Stack) -> 
     assert done.returncode == 0, output[-20000:]
     assert summaries and all("failed" not in s and "error" not in s for s in summaries), summaries
     # The suite talked to the containers' servers, and not once to this machine's own.
-    host_after = _host_counters()
-    containers_after = _container_counters(stack)
+    host_after, containers_after = host.read(), containers.read()
+    host.close()
+    containers.close()
     assert host_after == host_before, f"the suite reached this machine's servers: {host_before} -> {host_after}"
     grew = {name: containers_after[name] - containers_before[name] for name in containers_after}
     report(f"docker: connections the containers' servers accepted during the suite: {grew}")

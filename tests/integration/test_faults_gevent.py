@@ -14,8 +14,6 @@ mysqlclient blocks the hub for the whole query, so no timeout can cut it: not te
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -38,7 +36,7 @@ CLIENTS, PER_CLIENT = 20, 30
 
 def _start(tmp_path: Path, servers: list[procs.Server], url: str, **env: Any) -> procs.Server:
     full_env = project_env(url, CONN_MAX_AGE=600, GUNICORN_WORKER_CLASS="gevent", **env)
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=full_env, check=True, timeout=60)
+    procs.create_schema(full_env)
     server = procs.start_gunicorn(tmp_path, full_env, workers=1)
     servers.append(server)
     server.wait_ready()

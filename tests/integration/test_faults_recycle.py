@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +60,7 @@ def start(tmp_path: Path, servers: list[procs.Server], url: str, worker_class: s
         GUNICORN_MAX_REQUESTS_JITTER=1,
         GUNICORN_TIMEOUT=2,
     )
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=env, check=True, timeout=60)
+    procs.create_schema(env)
     if hooks:
         server = procs.start_gunicorn(tmp_path, env, workers=WORKERS)
     else:

@@ -12,8 +12,6 @@ Needs root and the servers' binaries, so it skips inside the tests container.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -89,7 +87,7 @@ def test_restart_under_steady_load(
     private_server: faults.PrivateServer, servers: list[procs.Server], tmp_path: Path
 ) -> None:
     env = project_env(private_server.url, CONN_MAX_AGE=600, GUNICORN_WORKER_CLASS="gthread", GUNICORN_THREADS=4)
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=env, check=True, timeout=60)
+    procs.create_schema(env)
     outcome: dict[bool, dict[str, float]] = {}
     for check in (False, True):
         server = procs.start_gunicorn(

@@ -10,8 +10,6 @@ which is what plain Django does: the first request on each dead session fails.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +65,7 @@ def test_ended_idle_sessions_fail_no_request(
 ) -> None:
     name = fresh_database(family)
     env = project_env(dbserver.django_url(family, name, driver_for(family, kind)), CONN_MAX_AGE=600)
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=env, check=True, timeout=60)
+    procs.create_schema(env)
     if fault == "idle-timeout":
         if family == "mysql":
             env["MYSQL_INIT_COMMAND"] = f"SET SESSION wait_timeout={IDLE_TIMEOUT}"

@@ -8,8 +8,6 @@ right, every row is stored, nothing is shared, and a graceful stop closes cleanl
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,22 +18,13 @@ from tests.support import dbserver, http, procs
 
 pytestmark = pytest.mark.gunicorn
 
-PORTS = {"mysql": 3306, "postgres": 5432}
 WORKERS = 4
 THREADS = {"sync": 1, "gthread": 4}
 PROTOCOL_ERRORS = re.compile(r"\((2006|2013|2014|2027), |lost synchronization|InterfaceError|Traceback")
 
 
-def _port(family: str) -> int:
-    from urllib.parse import urlsplit
-
-    return urlsplit(dbserver.server_url(family)).port or PORTS[family]
-
-
 def _schema(env: dict[str, str]) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env={**env, "PATH": ""}, check=True, timeout=60
-    )
+    procs.create_schema({**env, "PATH": ""})
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
@@ -55,7 +44,7 @@ def test_control_arm_workers_share_the_masters_socket(
     server.wait_ready()
 
     pids = [server.pid, *server.workers()]
-    shared = procs.shared_inodes(procs.db_sockets(pids, _port(family)))
+    shared = procs.shared_inodes(procs.db_sockets(pids, dbserver.port(family)))
     assert shared, "without serverhooks the master's DB socket should be in its workers"
     # The deterministic symptom: one socket, the master's, in the master and all workers.
     assert any(server.pid in owners and len(owners) == WORKERS + 1 for owners in shared.values()), shared
@@ -89,7 +78,7 @@ def test_hooks_arm_nothing_shared_no_wrong_answers(
     assert run.inherited == 0
 
     pids = [server.pid, *server.workers()]
-    held = procs.db_sockets(pids, _port(family))
+    held = procs.db_sockets(pids, dbserver.port(family))
     assert procs.shared_inodes(held) == {}, held
     assert held[server.pid] == set(), "the master keeps no DB socket after pre_fork"
     stored = {row[0] for row in dbserver.query(family, "SELECT marker FROM sh_hit", database=name)}

@@ -6,8 +6,6 @@ and with preload_app every request fails on the shared wrapper.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +37,7 @@ def _start(
     **env: Any,
 ) -> procs.Server:
     full_env = project_env(url, CONN_MAX_AGE=600, GUNICORN_WORKER_CLASS="gevent", GUNICORN_LOGLEVEL="debug", **env)
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=full_env, check=True, timeout=60)
+    procs.create_schema(full_env)
     if hooks:
         full_env["GUNICORN_PRELOAD"] = "1" if preload else "0"
         server = procs.start_gunicorn(tmp_path, full_env, workers=workers)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.core
 def run_case(case: str, url: str, **env: Any) -> dict[str, Any]:
     full_env = {**os.environ, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "tests.project.settings"}
     full_env.update({key: str(value) for key, value in env.items()})
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=full_env, check=True, timeout=60)
+    procs.create_schema(full_env)
     out = subprocess.run(
         [sys.executable, "-m", "tests.support.findings", case],
         cwd=procs.REPO,

@@ -23,7 +23,7 @@ def threadloop(family: str, name: str, kind: str, shape: str) -> dict[str, Any]:
     env = {"DATABASE_URL": dbserver.django_url(family, name), "CONN_MAX_AGE": "0", "PATH": ""}
     # The loop counts sessions itself, on the servers this suite was pointed at.
     env.update({key: value for key, value in os.environ.items() if key.startswith("SERVERHOOKS_TEST_")})
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=env, check=True, timeout=60)
+    procs.create_schema(env)
     out = subprocess.run(
         [
             sys.executable,

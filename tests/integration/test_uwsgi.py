@@ -23,16 +23,9 @@ from tests.support import dbserver, http, procs
 
 pytestmark = pytest.mark.uwsgi
 
-PORTS = {"mysql": 3306, "postgres": 5432}
 IMPORT_LINE = "import = serverhooks.uwsgi"
 PROTOCOL_ERRORS = re.compile(r"\((2006|2013|2014|2027), |lost synchronization|InterfaceError|Traceback")
 POOL_SIZE = 10
-
-
-def _port(family: str) -> int:
-    from urllib.parse import urlsplit
-
-    return urlsplit(dbserver.server_url(family)).port or PORTS[family]
 
 
 def _ini_without_hooks(tmp_path: Path) -> Path:
@@ -54,7 +47,7 @@ def _start(
     **env: Any,
 ) -> procs.Server:
     full_env = project_env(url, **env)
-    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=procs.REPO, env=full_env, check=True, timeout=60)
+    procs.create_schema(full_env)
     ini = None if hooks else _ini_without_hooks(tmp_path)
     server = procs.start_uwsgi(tmp_path, full_env, ini=ini, args=args, workers=workers)
     servers.append(server)
@@ -79,7 +72,7 @@ def test_shipped_ini_has_the_production_options() -> None:
         assert section.get(option) == "true", option
     for option in ("harakiri", "max-requests", "max-requests-delta", "reload-on-rss", "socket"):
         assert option in section, option
-    assert section.get("socket").startswith(("127.0.0.1:", "/"))
+    assert str(section.get("socket")).startswith(("127.0.0.1:", "/"))
     assert section.get("import") == "serverhooks.uwsgi"
 
 
@@ -91,7 +84,7 @@ def test_prefork_control_arm_workers_share_the_masters_socket(
     server = _start(
         tmp_path, servers, dbserver.django_url(family, name), hooks=False, CONN_MAX_AGE=3600, QUERY_AT_IMPORT=1
     )
-    shared = procs.shared_inodes(procs.db_sockets([server.pid, *server.workers()], _port(family)))
+    shared = procs.shared_inodes(procs.db_sockets([server.pid, *server.workers()], dbserver.port(family)))
     assert any(server.pid in owners and len(owners) == 5 for owners in shared.values()), shared
 
 
@@ -105,7 +98,7 @@ def test_prefork_hooks_arm(
     run = http.marker_load(server.socket_path, clients=8, per_client=250)
     assert run.failures == [] and run.http_errors == [] and run.wrong == []
     assert run.ok == 2000 and run.inherited == 0
-    held = procs.db_sockets([server.pid, *server.workers()], _port(family))
+    held = procs.db_sockets([server.pid, *server.workers()], dbserver.port(family))
     assert procs.shared_inodes(held) == {}, held
     assert held[server.pid] == set(), "the master closed its session before forking"
     stored = {row[0] for row in dbserver.query(family, "SELECT marker FROM sh_hit", database=name)}
@@ -316,3 +309,26 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=procs.REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_database_probe_runs_once_per_server_not_per_respawn(servers: list[procs.Server], tmp_path: Path) -> None:
+    """As under Gunicorn, only the first worker a server starts checks the databases: here an
+    unreachable one, whose WARNING must appear once, however often worker 1 is respawned."""
+    env = project_env(
+        "mysql://root@127.0.0.1:1/test",
+        UWSGI_MAX_REQUESTS=2,
+        UWSGI_MAX_REQUESTS_DELTA=1,
+        UWSGI_MIN_WORKER_LIFETIME=0,  # uWSGI recycles no worker younger than 10 s by default
+    )
+    server = procs.start_uwsgi(tmp_path, env, workers=2)
+    servers.append(server)
+    server.wait_ready()
+    first = set(server.workers())
+    for _ in range(20):
+        assert http.get(server.socket_path, "/ping")[0] == 200
+    deadline = time.monotonic() + 15
+    while "does not answer" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # any probe of a respawned worker would have logged by now
+    assert set(server.workers()) - first, "workers were respawned"
+    assert server.log().count("does not answer") == 1, server.log()[-3000:]

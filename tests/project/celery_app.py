@@ -21,7 +21,7 @@ if os.environ.get("SERVERHOOKS_CELERY") == "1":
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 # CELERY_DJANGO_FIXUP=0: no Django fixup, as when the app is created before
 # DJANGO_SETTINGS_MODULE is set (Celery only installs it when that variable is set).
-fixups = [] if os.environ.get("CELERY_DJANGO_FIXUP") == "0" else None
+fixups: list[str] | None = [] if os.environ.get("CELERY_DJANGO_FIXUP") == "0" else None
 app = Celery("tests", broker=BROKER, backend=BROKER, fixups=fixups)
 app.conf.update(
     task_default_queue=os.environ.get("CELERY_QUEUE", "serverhooks-tests"),

@@ -26,6 +26,14 @@ DEFAULT_URLS = {
 }
 
 
+DEFAULT_PORTS = {"mysql": 3306, "postgres": 5432, "redis": 6379}
+
+
+def port(family: str) -> int:
+    """The TCP port of the server the suite was pointed at."""
+    return urlsplit(server_url(family)).port or DEFAULT_PORTS[family]
+
+
 def server_url(family: str) -> str:
     return os.environ.get(f"SERVERHOOKS_TEST_{family.upper()}_URL") or DEFAULT_URLS[family]
 
@@ -47,26 +55,11 @@ def admin(family: str, database: str | None = None, url: str | None = None) -> I
 
     To the server the suite was pointed at, or to the one `url` names."""
     p = connection_params(url or server_url(family))
+    common = {"host": p["host"], "user": p["user"], "password": p["password"], "autocommit": True, "connect_timeout": 5}
     if family == "mysql":
-        conn: Any = pymysql.connect(
-            host=p["host"],
-            port=p["port"] or 3306,
-            user=p["user"],
-            password=p["password"],
-            database=database or p["name"],
-            autocommit=True,
-            connect_timeout=5,
-        )
+        conn: Any = pymysql.connect(port=p["port"] or 3306, database=database or p["name"], **common)
     else:
-        conn = psycopg.connect(
-            host=p["host"],
-            port=p["port"] or 5432,
-            user=p["user"],
-            password=p["password"],
-            dbname=database or p["name"],
-            autocommit=True,
-            connect_timeout=5,
-        )
+        conn = psycopg.connect(port=p["port"] or 5432, dbname=database or p["name"], **common)
     try:
         yield conn
     finally:

@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from tests.support import procs
 from tests.support.procs import REPO
 
 STANDINS = REPO / "tests" / "docker" / "standins"
@@ -73,13 +73,6 @@ def check(args: list[str], timeout: float, log: Path | None = None, **kwargs: An
         tail = log.read_text(errors="replace")[-6000:] if log else (done.stdout + done.stderr)[-6000:]
         raise RuntimeError(f"{' '.join(args[:4])} ... exited with {done.returncode}:\n{tail}")
     return done
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # ---- the engine -------------------------------------------------------------------------
@@ -335,7 +328,7 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+        return cls(*(procs.free_port() for _ in range(5)))
 
     def addresses(self) -> dict[str, str]:
         """The compose services' host:port, and where each listens here instead."""

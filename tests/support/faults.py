@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import dbserver
+from tests.support import dbserver, procs
 
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 MARIADB_INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
@@ -38,12 +37,6 @@ def end_sessions(family: str, name: str) -> int:
     return ended
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def why_no_private_server() -> str | None:
     """None when this process can run throwaway MariaDB and PostgreSQL servers of its own."""
     if os.geteuid() != 0:
@@ -59,7 +52,7 @@ class PrivateServer:
     """A throwaway database server on its own port and data directory, which a test may restart."""
 
     family: str
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=procs.free_port)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sh-private-db-")))
     proc: subprocess.Popen[bytes] | None = None
 

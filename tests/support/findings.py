@@ -109,9 +109,9 @@ def stale_fork_answer() -> dict[str, Any]:
     """A fork whose parent-side step failed must not trust the answer of an earlier fork."""
     from django.db import connection
 
-    from serverhooks import forkguard, lifecycle
+    from serverhooks import forkguard, registry
 
-    lifecycle.start_tracking()
+    registry.start_tracking()
     forkguard.install_fork_guard()
     parent = os.getpid()
     pid = os.fork()  # nothing is open yet: "nothing to abandon" is the right answer here
@@ -119,23 +119,22 @@ def stale_fork_answer() -> dict[str, Any]:
         os._exit(0)
     os.waitpid(pid, 0)
     connection.ensure_connection()
-    original = lifecycle._all_wrappers
+    original = registry.all_wrappers
 
     def failing_in_the_parent() -> list[Any]:
         if os.getpid() == parent:
             raise RuntimeError("the parent's before-fork step failed")
         return original()
 
-    lifecycle._all_wrappers = failing_in_the_parent
+    registry.all_wrappers = failing_in_the_parent
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        report = {"child_abandoned": connection.connection is None}
-        os.write(write, json.dumps(report).encode())
+        os.write(write, json.dumps({"child_abandoned": connection.connection is None}).encode())
         os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)
-    report = json.loads(os.read(read, 4096))
+    report: dict[str, Any] = json.loads(os.read(read, 4096))
     report["parent_still_works"] = _error(lambda: _session(connection)) is None
     return report
 
@@ -144,34 +143,36 @@ def abandon_retries_a_failed_step() -> dict[str, Any]:
     """A step of the child's abandon that failed is run again by the next call."""
     from django.core.cache import cache
 
-    from serverhooks import lifecycle
+    from serverhooks import fork
 
     cache.set("findings", 1)  # the parent's cache client exists
     parent_storage = cache_storage()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        original = lifecycle._forget_caches
+        original = fork._forget_caches
 
-        def failing(stats: Any = None) -> None:
+        def failing(current: Any) -> None:
             raise RuntimeError("forgetting the caches failed")
 
-        lifecycle._forget_caches = failing
-        lifecycle.abandon_inherited()
-        lifecycle._forget_caches = original
-        lifecycle.abandon_inherited()
-        report = {"fresh_cache_clients": cache_storage() is not parent_storage}
-        os.write(write, json.dumps(report).encode())
+        fork._forget_caches = failing
+        fork.abandon_inherited()
+        fork._forget_caches = original
+        fork.abandon_inherited()
+        os.write(write, json.dumps({"fresh_cache_clients": cache_storage() is not parent_storage}).encode())
         os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)
-    return dict(json.loads(os.read(read, 4096)))
+    result: dict[str, Any] = json.loads(os.read(read, 4096))
+    return result
 
 
 def cache_storage() -> Any:
     from django.core.cache import caches
 
-    return caches._connections
+    from serverhooks import _internals
+
+    return _internals.connection_storage(caches)
 
 
 def greenlet_ids_reused() -> dict[str, Any]:
@@ -182,10 +183,11 @@ def greenlet_ids_reused() -> dict[str, Any]:
     import gevent
     from greenlet import greenlet
 
-    from serverhooks import lifecycle, pool
+    from serverhooks import release_connections
+    from serverhooks.pool import gevent as gevent_pool
 
     django_db = __import__("django.db", fromlist=["connections"])
-    pool.activate(size=2, timeout=0.5)
+    gevent_pool.activate(size=2, timeout=0.5)
     seen: set[int] = set()
     reused = 0
     for _ in range(20):
@@ -203,7 +205,7 @@ def greenlet_ids_reused() -> dict[str, Any]:
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"[:200]
         finally:
-            lifecycle.release_connections()
+            release_connections()
 
     holders = [gevent.spawn(hold_a_connection) for _ in range(2)]
     gevent.joinall(holders, timeout=10)
@@ -214,9 +216,9 @@ def exit_while_another_thread_queries() -> dict[str, Any]:
     """close_at_exit() while another thread is inside a 1.5 s query on its own connection."""
     from django.db import connection
 
-    from serverhooks import lifecycle, stats
+    from serverhooks import close_at_exit, registry, stats
 
-    lifecycle.start_tracking()
+    registry.start_tracking()
     outcome: dict[str, Any] = {}
 
     def query() -> None:
@@ -226,7 +228,7 @@ def exit_while_another_thread_queries() -> dict[str, Any]:
     worker.start()
     time.sleep(0.3)
     started = time.monotonic()
-    lifecycle.close_at_exit()
+    close_at_exit()
     outcome["exit_took"] = round(time.monotonic() - started, 2)
     worker.join(10)
     outcome.update(

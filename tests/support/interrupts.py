@@ -51,9 +51,9 @@ def main() -> None:
     django.setup()
     from django.db import connection
 
-    from serverhooks import lifecycle, stats
+    from serverhooks import registry, stats
 
-    lifecycle.start_tracking()  # what every adapter does in a worker: it guards new connections
+    registry.start_tracking()  # what every adapter does in a worker: it guards new connections
     result: dict[str, Any] = {"cut": False}
     with connection.cursor() as cursor:
         cursor.execute(SESSION_SQL[connection.vendor])

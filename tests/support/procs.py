@@ -4,65 +4,45 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serverhooks.doctor import live
 from tests.support import http
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def create_schema(env: dict[str, str]) -> None:
+    """The test project's table, in the database env["DATABASE_URL"] names (python -m tests.project.schema)."""
+    subprocess.run([sys.executable, "-m", "tests.project.schema"], cwd=REPO, env=env, check=True, timeout=60)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc."""
-    found: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(c) for c in f.read().split())
-    except OSError:
-        pass
-    return sorted(set(found))
-
-
-def _tcp_inodes_to(port: int) -> set[int]:
-    """Inodes of every TCP socket on this host whose remote port is `port`."""
-    inodes: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    remote_port = int(cols[2].rsplit(":", 1)[1], 16)
-                    if remote_port == port and cols[9] != "0":
-                        inodes.add(int(cols[9]))
-        except OSError:
-            continue
-    return inodes
+    """Direct children of `pid`, from /proc (the doctor's own reading)."""
+    return live.children(pid)
 
 
 def db_sockets(pids: list[int], port: int) -> dict[int, set[int]]:
-    """{pid: inodes of its sockets connected to the database port}."""
-    wanted = _tcp_inodes_to(port)
+    """{pid: inodes of its sockets connected to the database port}, as `serverhooks doctor --pid` reads them."""
+    wanted = set(live.tcp_peers({port: "database"}))
     held: dict[int, set[int]] = {}
     for pid in pids:
-        inodes: set[int] = set()
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inode = int(target[8:-1])
-                    if inode in wanted:
-                        inodes.add(inode)
+            held[pid] = live.socket_inodes(pid) & wanted
         except OSError:
-            pass
-        held[pid] = inodes
+            held[pid] = set()
     return held
 
 

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import uuid
+from typing import Literal
 
 import django
 
@@ -58,8 +59,9 @@ def main() -> None:
     gc.collect()
     errors: list[str] = []
     started = time.perf_counter()
+    per: Literal["task", "thread"] = "thread" if args.kind == "serverhooks-per-thread" else "task"
+    executor: concurrent.futures.ThreadPoolExecutor
     if args.shape == "many-tasks":  # where per-thread release should pay off: 4 threads, 300 tasks
-        per = "thread" if args.kind == "serverhooks-per-thread" else "task"
         executor = (
             concurrent.futures.ThreadPoolExecutor(4)
             if args.kind == "stdlib"
@@ -71,9 +73,8 @@ def main() -> None:
     elif args.shape == "pools":
         for _ in range(100):
             if args.kind == "stdlib":
-                executor: concurrent.futures.ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor(20)
+                executor = concurrent.futures.ThreadPoolExecutor(20)
             else:
-                per = "thread" if args.kind == "serverhooks-per-thread" else "task"
                 executor = sh_threads.ThreadPoolExecutor(20, release=per)
             with executor:
                 futures = [executor.submit(task, run_id) for _ in range(3)]

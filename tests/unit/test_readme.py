@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,11 +137,8 @@ def test_fork_hook_table_matches_the_tests() -> None:
     """The table states what test_whether_register_at_fork_handlers_run_in_workers asserts."""
     from tests.integration import test_uwsgi
 
-    (mark,) = [
-        m
-        for m in test_uwsgi.test_whether_register_at_fork_handlers_run_in_workers.pytestmark
-        if m.name == "parametrize"
-    ]
+    marked: Any = test_uwsgi.test_whether_register_at_fork_handlers_run_in_workers  # pytest adds .pytestmark
+    (mark,) = [m for m in marked.pytestmark if m.name == "parametrize"]
     asserted = {
         ("none (uWSGI's default)" if not options else f"`{options[0].lstrip('-')}`"): "yes" if runs else "no"
         for options, runs in mark.args[1]
@@ -182,7 +180,7 @@ def test_doctor_commands_run(tmp_path: Path) -> None:
         argv = shlex.split(line.split("#")[0])
         assert argv[:2] == ["serverhooks", "doctor"]
         if "--pid" in argv:  # a placeholder pid: the live mode is run against real servers in test_doctor.py
-            from serverhooks.doctor import _parser
+            from serverhooks.doctor.cli import _parser
 
             assert _parser().parse_args(argv[2:]).pid == 4242
             continue

@@ -74,7 +74,6 @@ except ValueError as exc:
 state = {}
 def target():
     state["opened"] = opened()
-    state["wrapper"] = connection._connections if False else None
 t = Thread(target=target, name="plain")
 t.start(); t.join(5)
 assert state["opened"] and t.name == "plain"

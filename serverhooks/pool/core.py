@@ -1,17 +1,18 @@
-"""A per-worker, bounded, greenlet-aware pool of Django connections (gevent).
+"""The pool core: bounded, per-worker pools of whole Django connections, one per database alias.
 
-Why: under gevent every client connection is served by a new greenlet, and Django
-keeps connections per greenlet, so `CONN_MAX_AGE` never gets a chance to reuse
-anything: each client opens a session, and the old ones linger until collected.
+Why pool at all: where each unit of work (a greenlet under gevent) gets Django
+connections of its own, `CONN_MAX_AGE` never gets a chance to reuse anything: each
+opens a session, and the old ones linger until collected.
 
-How: the pool holds Django `DatabaseWrapper` objects, not raw connections. When a
-greenlet first asks `connections[alias]`, it checks one out (waiting cooperatively
-when all are in use); at `request_finished` it goes back, in a clean state. Reusing
-the wrapper keeps everything Django set up on connect (time zone, isolation level,
+How: a pool holds Django `DatabaseWrapper` objects, not raw connections. When a unit of
+work first asks `connections[alias]`, it checks one out (waiting when all are in use);
+at `request_finished`, or `release_current()`, it goes back in a clean state. Reusing the
+wrapper keeps what Django set up on connect (time zone, isolation level,
 `init_command`) and skips the reconnect entirely.
 
-Import this module only once gevent has patched the process (it imports gevent
-and `django.db`); `serverhooks.greenlets` does that from the worker-ready hook.
+What a unit of work is, and how to wait, is the *waiter*'s business (see `Waiter`);
+this module knows neither gevent nor threads. It imports `django.db` only in workers,
+inside `activate()` and the functions the pool runs.
 """
 
 from __future__ import annotations
@@ -20,42 +21,55 @@ import _thread
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from django.db import connections as django_connections
-from django.db.backends.signals import connection_created
-from django.db.utils import OperationalError
-from gevent import getcurrent
-from gevent.lock import BoundedSemaphore
-
-from serverhooks import conf, cursorguard, health, sockets
+from serverhooks import _internals, conf, cursorguard, health, sockets
 from serverhooks._log import describe_error, logger
-from serverhooks.stats import counters
+from serverhooks._process import state
 
-# Typed loosely: serverhooks works with the handler's internals (_connections, __class__).
-connections: Any = django_connections
+__all__ = ["Pool", "Slots", "Waiter", "activate", "any_active", "deactivate", "forget_after_fork", "release_current"]
 
 
-class PoolTimeout(OperationalError):
-    """No pooled connection became free in time; the message names the settings."""
+class Slots(Protocol):
+    """A bounded semaphore of the waiter's kind."""
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool: ...
+    def release(self) -> None: ...
+
+
+class Waiter(Protocol):
+    """How a kind of concurrency waits for a pooled connection."""
+
+    def slots(self, size: int) -> Slots:
+        """A bounded semaphore that waits the way this kind waits (cooperatively, for greenlets)."""
+
+    def current(self) -> Any:
+        """The unit of work running now, which holds what it checked out."""
+
+    def is_dead(self, unit: Any) -> bool:
+        """Has this unit of work ended (so what it holds can be reclaimed)?"""
+
+    def on_death(self, unit: Any, callback: Any) -> bool:
+        """Ask to be told when `unit` ends; False where that kind of unit cannot tell."""
 
 
 @dataclass
 class _Holding:
-    greenlet: weakref.ref[Any]
+    unit: weakref.ref[Any]
     wrappers: list[Any]
 
 
-class GreenletPool:
-    """Wrappers for one alias: at most `size` exist, idle ones are reused newest first."""
+class Pool:
+    """Wrappers for one alias: at most `size` exist; idle ones are reused newest first."""
 
-    def __init__(self, alias: str, size: int, timeout: float) -> None:
+    def __init__(self, alias: str, size: int, timeout: float, waiter: Waiter) -> None:
         self.alias = alias
         self.size = size
         self.timeout = timeout
-        self._slots = BoundedSemaphore(size)
+        self.waiter = waiter
+        self._slots = waiter.slots(size)
         self._idle: list[Any] = []
-        self._reclaimed: list[Any] = []  # from dead greenlets: cleaned by the next checkout
+        self._reclaimed: list[Any] = []  # from dead units of work: cleaned by the next checkout
         self._holdings: dict[int, _Holding] = {}
         self._linked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_timeout_logged = float("-inf")
@@ -63,22 +77,15 @@ class GreenletPool:
     # ----------------------------------------------------------------- checkout
 
     def checkout(self) -> Any:
-        stats = counters()
+        counters = state().counters
         if not self._slots.acquire(blocking=False):
-            self._reclaim_from_dead_greenlets()
+            self._reclaim_from_dead_units()
             started = time.monotonic()
-            stats.pool_waits += 1
+            counters.pool_waits += 1
             acquired = self._slots.acquire(timeout=self.timeout)
-            stats.pool_wait_seconds += time.monotonic() - started
+            counters.pool_wait_seconds += time.monotonic() - started
             if not acquired:
-                error = PoolTimeout(
-                    f"serverhooks: no connection to database {self.alias!r} became free within "
-                    f"POOL_TIMEOUT={self.timeout:g} s; all POOL_SIZE={self.size} are in use by this worker. "
-                    "Raise SERVERHOOKS['POOL_SIZE'] (within the database's max_connections) or "
-                    "SERVERHOOKS['POOL_TIMEOUT'], or hold connections for less time."
-                )
-                self._log_timeout(error)
-                raise error
+                raise self._timed_out()
         try:
             wrapper = self._next_wrapper()
         except BaseException:
@@ -87,13 +94,22 @@ class GreenletPool:
         self._hold(wrapper)
         return wrapper
 
-    def _log_timeout(self, error: PoolTimeout) -> None:
-        """Django logs the failed request only where its logging is set up: say it here too,
-        at most every 10 s, so an overloaded worker does not flood its log."""
+    def _timed_out(self) -> Exception:
+        from serverhooks.pool.errors import PoolTimeout
+
+        error = PoolTimeout(
+            f"serverhooks: no connection to database {self.alias!r} became free within "
+            f"POOL_TIMEOUT={self.timeout:g} s; all POOL_SIZE={self.size} are in use by this worker. "
+            "Raise SERVERHOOKS['POOL_SIZE'] (within the database's max_connections) or "
+            "SERVERHOOKS['POOL_TIMEOUT'], or hold connections for less time."
+        )
+        # Django logs the failed request only where its logging is set up: say it here
+        # too, at most every 10 s, so that an overloaded worker does not flood its log.
         now = time.monotonic()
         if now - self._last_timeout_logged >= 10.0:
             self._last_timeout_logged = now
             logger.warning("%s", error)
+        return error
 
     def _next_wrapper(self) -> Any:
         while self._reclaimed:
@@ -105,8 +121,10 @@ class GreenletPool:
             _adopt(wrapper)
             self._drop_dead_session(wrapper)
             if wrapper.connection is not None:
-                counters().pool_reused += 1
+                state().counters.pool_reused += 1
             return wrapper
+        from django.db import connections
+
         fresh: Any = connections.create_connection(self.alias)
         fresh._serverhooks_pool = self
         health.watch(fresh)
@@ -115,26 +133,23 @@ class GreenletPool:
         return fresh
 
     def _drop_dead_session(self, wrapper: Any) -> None:
-        """Close an idle connection that expired or that the server ended (KILL, restart).
-
-        The check costs one poll() syscall and no round trip (`serverhooks.health`).
-        """
+        """Close an idle connection that expired or that the server ended (KILL, a restart):
+        one poll() syscall, no round trip (serverhooks.health)."""
         if wrapper.connection is None:
             return
         expired = wrapper.close_at is not None and time.monotonic() >= wrapper.close_at
         ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection, wrapper)
         if expired or ended:
-            counters().pool_discarded += 1
-            counters().closed_unhealthy += bool(ended)
+            state().counters.pool_discarded += 1
+            state().counters.closed_unhealthy += bool(ended)
             _close_quietly(wrapper)
         if hasattr(wrapper, "ensure_timezone") and wrapper.connection is not None:
-            # PostgreSQL: a request may have run SET TIME ZONE; restore Django's.
-            wrapper.ensure_timezone()
+            wrapper.ensure_timezone()  # PostgreSQL: a request may have run SET TIME ZONE
 
     # ----------------------------------------------------------------- checkin
 
     def checkin(self, wrapper: Any) -> None:
-        """Return a wrapper checked out by the current greenlet."""
+        """Return a wrapper checked out by the current unit of work."""
         self._unhold(wrapper)
         try:
             if self._make_clean(wrapper):
@@ -146,9 +161,9 @@ class GreenletPool:
         """Leave no transaction, autocommit change or broken session behind; False: drop it."""
         _adopt(wrapper)
         if wrapper.in_atomic_block:
-            # Only a greenlet that died inside atomic() gets here: Django's bookkeeping
-            # for that block cannot be unwound, so the wrapper goes, and its session too.
-            counters().pool_discarded += 1
+            # Only a unit that died inside atomic() gets here: Django's bookkeeping for that
+            # block cannot be unwound, so the wrapper goes, and its session too.
+            state().counters.pool_discarded += 1
             _close_quietly(wrapper)
             return False
         if wrapper.connection is None:
@@ -161,11 +176,11 @@ class GreenletPool:
                 wrapper.connection.rollback()
             if wrapper.errors_occurred:
                 if not wrapper.is_usable():
-                    raise OperationalError("the session is no longer usable")
+                    raise ConnectionError("the session is no longer usable")
                 wrapper.errors_occurred = False
         except Exception as exc:
             logger.debug("serverhooks: discarding a pooled %r connection: %s", self.alias, describe_error(exc))
-            counters().pool_discarded += 1
+            state().counters.pool_discarded += 1
             _close_quietly(wrapper)
         wrapper.run_on_commit = []
         wrapper.health_check_done = False  # CONN_HEALTH_CHECKS: check again in the next request
@@ -174,42 +189,40 @@ class GreenletPool:
     # ----------------------------------------------------------------- who holds what
 
     def _hold(self, wrapper: Any) -> None:
-        current = getcurrent()
-        holding = self._holdings.get(id(current))
-        if holding is not None and holding.greenlet() is not current:
-            # An id is reused once its greenlet is gone: what that one held comes back first.
-            self._reclaim(id(current))
+        unit = self.waiter.current()
+        holding = self._holdings.get(id(unit))
+        if holding is not None and holding.unit() is not unit:
+            # An id is reused once its unit of work is gone: what that one held comes back first.
+            self._reclaim(id(unit))
             holding = None
         if holding is None:
-            holding = self._holdings[id(current)] = _Holding(weakref.ref(current), [])
+            holding = self._holdings[id(unit)] = _Holding(weakref.ref(unit), [])
         holding.wrappers.append(wrapper)
-        if hasattr(current, "rawlink") and current not in self._linked:
-            # gevent Greenlets (gevent.spawn, each client of a gevent server) tell
-            # us when they die: their wrappers come back at the next hub turn.
-            current.rawlink(self._on_greenlet_death)
-            self._linked.add(current)
+        if unit not in self._linked and self.waiter.on_death(unit, self._on_unit_death):
+            self._linked.add(unit)
 
     def _unhold(self, wrapper: Any) -> None:
-        holding = self._holdings.get(id(getcurrent()))
+        key = id(self.waiter.current())
+        holding = self._holdings.get(key)
         if holding is not None and wrapper in holding.wrappers:
             holding.wrappers.remove(wrapper)
             if not holding.wrappers:
-                del self._holdings[id(getcurrent())]
+                del self._holdings[key]
 
     def holds(self, wrapper: Any) -> bool:
         return getattr(wrapper, "_serverhooks_pool", None) is self
 
-    def _on_greenlet_death(self, greenlet: Any) -> None:
-        # Runs in the hub, which must not block: only move the wrappers aside.
-        holding = self._holdings.get(id(greenlet))
-        if holding is not None and holding.greenlet() in (greenlet, None):
-            self._reclaim(id(greenlet))
+    def _on_unit_death(self, unit: Any) -> None:
+        # May run in gevent's hub, which must not block: only move the wrappers aside.
+        holding = self._holdings.get(id(unit))
+        if holding is not None and holding.unit() in (unit, None):
+            self._reclaim(id(unit))
 
-    def _reclaim_from_dead_greenlets(self) -> None:
-        """Raw greenlets cannot notify us: find the dead ones when the pool runs dry."""
+    def _reclaim_from_dead_units(self) -> None:
+        """Units that cannot tell us they ended (raw greenlets): find them when the pool runs dry."""
         for key, holding in list(self._holdings.items()):
-            greenlet = holding.greenlet()
-            if greenlet is None or greenlet.dead:
+            unit = holding.unit()
+            if unit is None or self.waiter.is_dead(unit):
                 self._reclaim(key)
 
     def _reclaim(self, key: int) -> None:
@@ -218,7 +231,7 @@ class GreenletPool:
             return
         for wrapper in holding.wrappers:
             self._reclaimed.append(wrapper)
-            counters().pool_reclaimed += 1
+            state().counters.pool_reclaimed += 1
             self._slots.release()
 
     def close_idle(self) -> None:
@@ -230,12 +243,10 @@ class GreenletPool:
 
 
 def _adopt(wrapper: Any) -> None:
-    """Let the current greenlet use a wrapper another greenlet created.
-
-    Django refuses cross-thread use (and gevent's thread ident is the greenlet's);
-    a pooled wrapper is only ever used by the one greenlet that checked it out.
-    """
-    wrapper._thread_ident = _thread.get_ident()
+    """Let the current unit of work use a wrapper another one created: Django refuses
+    cross-thread use (and under gevent a greenlet's ident is its own); a pooled wrapper is
+    only ever used by the one unit that checked it out."""
+    _internals.set_thread_ident(wrapper, _thread.get_ident())  # as Django reads it
 
 
 def _close_quietly(wrapper: Any) -> None:
@@ -249,9 +260,9 @@ def _close_quietly(wrapper: Any) -> None:
 def _driver_in_transaction(raw: Any) -> bool:
     """An explicit BEGIN keeps a transaction open even in autocommit mode: is one open?
 
-    Read from what the driver already knows, no round trip: psycopg and psycopg2
-    track libpq's transaction status, PyMySQL the server's status flags. mysqlclient
-    does not expose them; there, only Django's own autocommit check applies.
+    Read from what the driver already knows, no round trip: psycopg and psycopg2 track
+    libpq's transaction status, PyMySQL the server's status flags. mysqlclient does not
+    expose them; there, only Django's own autocommit check applies.
     """
     info = getattr(raw, "info", None)
     status = getattr(info, "transaction_status", None)
@@ -263,13 +274,13 @@ def _driver_in_transaction(raw: Any) -> bool:
 
 # --------------------------------------------------------------------------- activation
 
-_pools: dict[str, GreenletPool] = {}
-_original_class: Any = None
+_pools: dict[str, Pool] = {}
+_original_handler_class: Any = None
 
 
 def _pooled_handler_class(base: Any) -> type:
     def __getitem__(self: Any, alias: str) -> Any:
-        storage = self._connections
+        storage = _internals.connection_storage(self)
         try:
             return getattr(storage, alias)
         except AttributeError:
@@ -286,12 +297,16 @@ def _pooled_handler_class(base: Any) -> type:
 
 def _count_opened(sender: Any, connection: Any, **kwargs: Any) -> None:
     if getattr(connection, "_serverhooks_pool", None) is not None:
-        counters().pool_opened += 1
+        state().counters.pool_opened += 1
 
 
 def release_current() -> int:
-    """Return the current greenlet's pooled connections; how many went back."""
-    storage = connections._connections
+    """Return the current unit of work's pooled connections; how many went back."""
+    if not _pools:
+        return 0
+    from django.db import connections
+
+    storage = _internals.connection_storage(connections)
     released = 0
     for alias, pool in _pools.items():
         wrapper = getattr(storage, alias, None)
@@ -309,47 +324,51 @@ def _on_request_finished(**kwargs: Any) -> None:
         logger.warning("serverhooks: returning connections to the pool failed: %s", describe_error(exc))
 
 
-def activate(size: int, timeout: float) -> list[str]:
+def activate(waiter: Waiter, size: int, timeout: float) -> list[str]:
     """Pool every alias that does not use Django's own pool; returns the pooled aliases."""
-    global _original_class
+    global _original_handler_class
     from django.core.signals import request_finished
+    from django.db import connections
+    from django.db.backends.signals import connection_created
 
-    if _original_class is None:
-        _original_class = type(connections)
-        connections.__class__ = _pooled_handler_class(_original_class)
-    for alias in connections:
-        options = connections.settings[alias].get("OPTIONS", {})
-        if options.get("pool"):
+    handler: Any = connections
+    if _original_handler_class is None:
+        _original_handler_class = type(handler)
+        handler.__class__ = _pooled_handler_class(_original_handler_class)
+    for alias in handler:
+        if handler.settings[alias].get("OPTIONS", {}).get("pool"):
             logger.debug("serverhooks: %r uses Django's own pool; serverhooks does not pool it", alias)
             continue
-        _pools.setdefault(alias, GreenletPool(alias, size, timeout))
+        _pools.setdefault(alias, Pool(alias, size, timeout, waiter))
     request_finished.connect(_on_request_finished, dispatch_uid="serverhooks.pool.release")
     connection_created.connect(_count_opened, dispatch_uid="serverhooks.pool.opened")
     return sorted(_pools)
 
 
 def deactivate() -> None:
-    """Undo `activate`: close idle connections, restore Django's handler class."""
-    global _original_class
+    """Undo `activate`: close idle connections, restore Django's handler class and signals."""
+    global _original_handler_class
     from django.core.signals import request_finished
+    from django.db import connections
+    from django.db.backends.signals import connection_created
 
     for pool in _pools.values():
         pool.close_idle()
     _pools.clear()
-    if _original_class is not None:
-        connections.__class__ = _original_class
-        _original_class = None
+    if _original_handler_class is not None:
+        handler: Any = connections
+        handler.__class__ = _original_handler_class
+        _original_handler_class = None
     request_finished.disconnect(dispatch_uid="serverhooks.pool.release")
     connection_created.disconnect(dispatch_uid="serverhooks.pool.opened")
 
 
 def forget_after_fork() -> None:
     """In a forked child: the pools' sessions were abandoned with the rest; start empty."""
-    for pool in _pools.values():
-        sockets._never_finalise.append(pool)
-    for alias in list(_pools):
-        _pools[alias] = GreenletPool(alias, _pools[alias].size, _pools[alias].timeout)
+    for alias, pool in list(_pools.items()):
+        sockets.keep_forever(pool)
+        _pools[alias] = Pool(alias, pool.size, pool.timeout, pool.waiter)
 
 
-def active() -> bool:
+def any_active() -> bool:
     return bool(_pools)

@@ -1,8 +1,8 @@
-"""Read a deployment's configuration through the servers' own loaders where they exist.
+"""Read a server's configuration through the server's own loader where there is one.
 
 Gunicorn: its own `Config` loads gunicorn.conf.py. uWSGI has no parse-only mode, so
 uwsgi.ini is read here following uWSGI's rules (repeated keys, if-env/if-not-env
-blocks, %d, $(VAR)). Celery: the app's own configuration. Django: its settings.
+blocks, %d, $(VAR)). Celery: the app's own configuration.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from serverhooks._log import describe_error, redact
+from serverhooks._log import describe_error
+from serverhooks.doctor.django_settings import importable_from_here
 from serverhooks.doctor.findings import DoctorError
 
 
@@ -32,31 +33,6 @@ class Server:
     serverhooks: bool
     per_process_limit: int | None  # gevent's worker_connections / async cores: greenlets per process
     forwarded_allow_ips: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Database:
-    alias: str
-    vendor: str  # mysql | postgresql | sqlite | other
-    driver: str  # mysqlclient | pymysql | psycopg | psycopg2 | sqlite3 | ?
-    conn_max_age: float | None  # None: unlimited
-    health_checks: bool
-    django_pool: bool
-    described: str
-    wait_timeout: int | None = None
-    max_connections: int | None = None
-    live_error: str | None = None
-
-
-@dataclasses.dataclass
-class Django:
-    settings_module: str
-    debug: bool
-    serverhooks_app: bool
-    gevent_pool: bool
-    pool_size: int
-    psycogreen: bool
-    databases: list[Database]
 
 
 # --------------------------------------------------------------------------- Gunicorn
@@ -188,7 +164,7 @@ def read_uwsgi(path: str) -> Server:
 
 def read_celery(app_path: str) -> Server:
     module_name, _, attribute = app_path.partition(":")
-    _importable_from_here()
+    importable_from_here()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -211,117 +187,3 @@ def read_celery(app_path: str) -> Server:
 
 
 # --------------------------------------------------------------------------- Django
-
-
-def _driver(vendor: str) -> str:
-    if vendor == "mysql":
-        try:
-            import MySQLdb
-
-            return "pymysql" if MySQLdb.__name__ == "pymysql" else "mysqlclient"
-        except ImportError:
-            return "?"
-    if vendor == "postgresql":
-        try:
-            from django.db.backends.postgresql.psycopg_any import is_psycopg3
-
-            return "psycopg" if is_psycopg3 else "psycopg2"
-        except Exception:
-            return "?"
-    return "sqlite3" if vendor == "sqlite" else "?"
-
-
-def _importable_from_here() -> None:
-    """Like manage.py, Gunicorn and Celery: the project in the current directory is importable."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-
-
-def read_django(live: bool) -> Django | None:
-    """Django settings from DJANGO_SETTINGS_MODULE, or None when it is unset."""
-    module = os.environ.get("DJANGO_SETTINGS_MODULE")
-    if not module:
-        return None
-    _importable_from_here()
-    try:
-        import django
-
-        django.setup()
-        from django.conf import settings
-        from django.db import connections
-    except Exception as exc:
-        raise DoctorError(f"cannot load Django settings {module!r}: {describe_error(exc)}") from None
-    from serverhooks import _django, conf
-
-    conf.reload()
-    databases = []
-    for alias in connections:
-        settings_dict = connections.settings[alias]
-        engine = str(settings_dict.get("ENGINE", ""))
-        vendor = next((v for v in ("mysql", "postgresql", "sqlite") if v in engine), "other")
-        database = Database(
-            alias=alias,
-            vendor=vendor,
-            driver=_driver(vendor),
-            conn_max_age=settings_dict.get("CONN_MAX_AGE", 0),
-            health_checks=bool(settings_dict.get("CONN_HEALTH_CHECKS")),
-            django_pool=bool(settings_dict.get("OPTIONS", {}).get("pool")),
-            described=redact(_django.describe_alias(alias, settings_dict), [str(settings_dict.get("PASSWORD", ""))]),
-        )
-        if live and vendor in ("mysql", "postgresql"):
-            _read_live(connections[alias], database)
-        databases.append(database)
-    return Django(
-        settings_module=module,
-        debug=bool(settings.DEBUG),
-        serverhooks_app="serverhooks" in settings.INSTALLED_APPS
-        or any(str(app).startswith("serverhooks.") for app in settings.INSTALLED_APPS),
-        gevent_pool=bool(conf.get("GEVENT_POOL")),
-        pool_size=int(conf.get("POOL_SIZE")),
-        psycogreen=importlib.util.find_spec("psycogreen") is not None,
-        databases=databases,
-    )
-
-
-def database_ports() -> dict[int, str]:
-    """{port: vendor} of the TCP databases in DJANGO_SETTINGS_MODULE's DATABASES; {} when unknown.
-
-    Live mode recognises the usual ports by itself; these add a server on another port.
-    Reading them connects to nothing, and any failure just leaves live mode with the usual ones.
-    """
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        return {}
-    _importable_from_here()
-    try:
-        from django.conf import settings
-
-        configured = dict(settings.DATABASES)
-    except Exception:
-        return {}
-    ports: dict[int, str] = {}
-    for settings_dict in configured.values():
-        engine = str(settings_dict.get("ENGINE", ""))
-        vendor = next((v for v in ("mysql", "postgresql") if v in engine), None)
-        if vendor and str(settings_dict.get("PORT") or "").isdigit():
-            ports[int(settings_dict["PORT"])] = vendor
-    return ports
-
-
-def _read_live(wrapper: Any, database: Database) -> None:
-    """wait_timeout and max_connections from the server itself; never fails the doctor."""
-    try:
-        with wrapper.cursor() as cursor:
-            if database.vendor == "mysql":
-                cursor.execute("SELECT @@wait_timeout, @@max_connections")
-            else:
-                cursor.execute("SELECT NULL, current_setting('max_connections')::int")
-            wait_timeout, max_connections = cursor.fetchone()
-        database.wait_timeout = None if wait_timeout is None else int(wait_timeout)
-        database.max_connections = int(max_connections)
-    except Exception as exc:
-        database.live_error = describe_error(exc)
-    finally:
-        try:
-            wrapper.close()
-        except Exception:
-            pass

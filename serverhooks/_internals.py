@@ -1,0 +1,152 @@
+"""Every private attribute of another project that serverhooks reads or sets, in one place.
+
+Django, asgiref, psycopg, psycopg_pool, redis-py and PyMySQL give no public way to do
+what a fork or a greenlet needs here: find a connection of another thread, replace the
+storage of connections built before gevent patched threading, reach the sockets of a
+pool or a cache client. Each access below is named after what it gets, and
+tests/unit/test_internals.py checks it against the versions serverhooks supports.
+
+When a release moves one of them, the accessor says so once, at WARNING, naming what
+is missing and what serverhooks then skips, and returns its "nothing there" value:
+never an AttributeError inside a server's hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from serverhooks._log import say_once
+
+__all__ = [
+    "cache_client_pools",
+    "connection_storage",
+    "local_storage",
+    "pool_idle_connections",
+    "postgres_pools",
+    "pymysql_socket",
+    "replace_connection_storage",
+    "set_thread_ident",
+    "thread_ident",
+    "use_psycopg_poll_wait",
+]
+
+_MISSING = object()
+
+
+def _get(owner: Any, name: str, where: str, skipped: str) -> Any:
+    value = getattr(owner, name, _MISSING)
+    if value is _MISSING:
+        say_once(
+            f"internals-{where}.{name}",
+            logging.WARNING,
+            "serverhooks: %s.%s is not there in this version; serverhooks skips %s. Please report it, "
+            "with the versions in use.",
+            where,
+            name,
+            skipped,
+        )
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- Django
+
+
+def connection_storage(handler: Any) -> Any:
+    """A Django connection handler's per-thread storage (`_connections`: an asgiref Local)."""
+    return _get(handler, "_connections", "django ConnectionHandler", "resetting its storage")
+
+
+def replace_connection_storage(handler: Any, storage: Any) -> Any:
+    """Give a handler (of databases or caches) a new storage; returns the old one, or None."""
+    old = connection_storage(handler)
+    if old is not None:
+        handler._connections = storage
+    return old
+
+
+def thread_ident(wrapper: Any) -> int | None:
+    """The thread (or greenlet) a DatabaseWrapper belongs to (`_thread_ident`)."""
+    value = _get(wrapper, "_thread_ident", "django DatabaseWrapper", "its thread check")
+    return value if isinstance(value, int) else None
+
+
+def set_thread_ident(wrapper: Any, ident: int) -> None:
+    """Hand a DatabaseWrapper to another thread or greenlet (Django refuses cross-thread use)."""
+    if thread_ident(wrapper) is not None:
+        wrapper._thread_ident = ident
+
+
+def postgres_pools() -> dict[Any, Any]:
+    """Django 5.1+'s class-level PostgreSQL pools (`_connection_pools`), or {}.
+
+    Keyed by alias on PostgreSQL (Oracle keys by (alias, user)): callers never assume the
+    key's shape. A pending Django fix clears it in forked children: an empty dict is normal.
+    """
+    base = sys.modules.get("django.db.backends.postgresql.base")
+    wrapper_class = getattr(base, "DatabaseWrapper", None)
+    if wrapper_class is None:
+        return {}
+    pools = getattr(wrapper_class, "_connection_pools", None)  # absent before Django 5.1
+    return pools if isinstance(pools, dict) else {}
+
+
+# --------------------------------------------------------------------------- asgiref
+
+
+def local_storage(local: Any) -> Any:
+    """What an asgiref Local stores into (`_storage`): a threading.local, or gevent's once patched."""
+    return _get(local, "_storage", "asgiref Local", "the check of Django's connection storage under gevent")
+
+
+# --------------------------------------------------------------------------- psycopg, psycopg_pool
+
+
+def pool_idle_connections(pool: Any) -> list[Any]:
+    """The idle connections a psycopg_pool ConnectionPool holds (`_pool`, a deque)."""
+    idle = _get(pool, "_pool", "psycopg_pool ConnectionPool", "its idle connections after fork")
+    return list(idle) if idle is not None else []
+
+
+def use_psycopg_poll_wait(waiting: Any) -> Callable[[], None] | None:
+    """psycopg 3 picked its blocking C wait at import (before gevent patched): use the poll one.
+
+    Returns the undo, or None when there was nothing to change.
+    """
+    wait_c = getattr(waiting, "wait_c", None)
+    if wait_c is None or waiting.wait is not wait_c:
+        return None
+    ready_poll = _get(waiting, "_ready_poll", "psycopg.waiting", "making psycopg 3 cooperative")
+    if ready_poll is None:
+        return None
+    original_wait, original_ready = waiting.wait, getattr(waiting, "_ready", None)
+    waiting.wait, waiting._ready = waiting.wait_poll, ready_poll
+
+    def undo() -> None:
+        waiting.wait, waiting._ready = original_wait, original_ready
+
+    return undo
+
+
+# --------------------------------------------------------------------------- redis, PyMySQL
+
+
+def cache_client_pools(cache: Any) -> list[Any]:
+    """The connection pools of Django's RedisCache client, if the client was ever created.
+
+    RedisCache.close() is a no-op, so its pools keep their sockets open; the client is a
+    cached property (`_cache`) holding them (`_pools`).
+    """
+    client = vars(cache).get("_cache")
+    if client is None:
+        return []
+    pools = _get(client, "_pools", "django RedisCacheClient", "closing its pools before fork")
+    return list(pools.values()) if isinstance(pools, dict) else []
+
+
+def pymysql_socket(raw: Any) -> Any:
+    """A PyMySQL connection's socket (`_sock`), None once closed."""
+    return getattr(raw, "_sock", None)

@@ -1,0 +1,44 @@
+"""The pool's waiter for greenlets: gevent's semaphore, and greenlets as the units of work.
+
+Import it only once gevent has patched the process; `serverhooks.greenlets` does that
+from the worker-ready hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gevent import getcurrent
+from gevent.lock import BoundedSemaphore
+
+from serverhooks.pool import core
+
+__all__ = ["GreenletWaiter", "activate"]
+
+
+class GreenletWaiter:
+    """Greenlets wait cooperatively; each holds what it checked out until its request ends."""
+
+    def slots(self, size: int) -> core.Slots:
+        semaphore: core.Slots = BoundedSemaphore(size)
+        return semaphore
+
+    def current(self) -> Any:
+        return getcurrent()
+
+    def is_dead(self, unit: Any) -> bool:
+        return bool(unit.dead)
+
+    def on_death(self, unit: Any, callback: Callable[[Any], None]) -> bool:
+        # gevent Greenlets (gevent.spawn, each client of a gevent server) say when they die:
+        # what they held comes back at the next hub turn. Raw greenlets cannot.
+        if not hasattr(unit, "rawlink"):
+            return False
+        unit.rawlink(callback)
+        return True
+
+
+def activate(size: int, timeout: float) -> list[str]:
+    """Pool every alias for this gevent worker; returns the pooled aliases."""
+    return core.activate(GreenletWaiter(), size, timeout)

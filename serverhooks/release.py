@@ -1,0 +1,31 @@
+"""End of a unit of work (a request, a task, a thread's job): give its connections back.
+
+Under a serverhooks pool they go back to the pool; otherwise they are closed, as a
+thread that ends would otherwise leave them for the garbage collector.
+"""
+
+from __future__ import annotations
+
+from serverhooks import registry
+from serverhooks._log import describe_error, logger
+from serverhooks._process import state
+from serverhooks.pool import core as pool_core
+
+__all__ = ["release_connections"]
+
+
+def release_connections() -> int:
+    """Give back this thread's (or greenlet's) connections; returns how many were released."""
+    released = pool_core.release_current()
+    for wrapper in registry.this_thread_wrappers():
+        if wrapper.in_atomic_block:
+            # The caller's transaction is still open (`with releasing():` inside `atomic()`):
+            # closing would end it behind the caller's back. The next release after the block does.
+            continue
+        try:
+            if registry.close_wrapper(wrapper):
+                released += 1
+        except Exception as exc:
+            state().counters.errors += 1
+            logger.warning("serverhooks: closing %r failed: %s", wrapper.alias, describe_error(exc))
+    return released

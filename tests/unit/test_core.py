@@ -1,0 +1,212 @@
+"""The core without a database server: the pool core (with a waiter for threads), the registry,
+the sockets' neutralising, and every third-party private attribute serverhooks uses.
+
+The Django parts run in a process of their own on SQLite: Django's settings are per process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serverhooks import sockets
+from tests.support import procs
+
+pytestmark = pytest.mark.core
+
+
+def run_script(script: str, tmp_path: Path, **env: str) -> None:
+    full_env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.project.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/core.sqlite3",
+        "CONN_MAX_AGE": "600",
+        **env,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=procs.REPO, env=full_env, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip().endswith("ok"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
+POOL = r"""
+import threading, time, django
+django.setup()
+from django.db import connections
+from serverhooks.pool import PoolTimeout, core
+
+class ThreadWaiter:
+    # The pool's waiting primitive for plain threads: what a new kind of concurrency plugs in.
+    def slots(self, size): return threading.BoundedSemaphore(size)
+    def current(self): return threading.current_thread()
+    def is_dead(self, unit): return not unit.is_alive()
+    def on_death(self, unit, callback): return False
+
+assert core.activate(ThreadWaiter(), size=2, timeout=0.3) == ["default"]
+pool = core._pools["default"]
+
+def use_and_release():
+    connections["default"].cursor().execute("SELECT 1")
+    return core.release_current()
+
+# Checkout at first use, checkin at release; the same wrapper is reused.
+first = connections["default"]
+first.cursor().execute("SELECT 1")
+assert core.release_current() == 1 and pool._idle == [first]
+assert connections["default"] is first and pool._idle == []
+core.release_current()
+
+# The bound: two holders; a third waits POOL_TIMEOUT, then fails naming the settings.
+hold, stop = threading.Barrier(3, timeout=5), threading.Event()
+def holder():
+    connections["default"].cursor().execute("SELECT 1")
+    hold.wait(); stop.wait(5); core.release_current()
+holders = [threading.Thread(target=holder) for _ in range(2)]
+for t in holders: t.start()
+hold.wait()
+started = time.monotonic()
+try:
+    connections["default"]
+    raise AssertionError("a third checkout got a connection past the bound")
+except PoolTimeout as exc:
+    assert "POOL_SIZE=2" in str(exc) and "POOL_TIMEOUT=0.3" in str(exc), exc
+assert 0.25 < time.monotonic() - started < 2
+stop.set()
+for t in holders: t.join(5)
+
+# A unit that ended holding a connection (no release): reclaimed when the pool runs dry.
+def leaks():
+    connections["default"].cursor().execute("SELECT 1")
+for _ in range(3):
+    t = threading.Thread(target=leaks); t.start(); t.join(5)
+assert use_and_release() == 1
+
+# Clean on return: autocommit turned off is rolled back and restored; inside atomic() it is dropped.
+def leaves_autocommit_off():
+    connections["default"].set_autocommit(False)
+    connections["default"].cursor().execute("SELECT 1")
+    core.release_current()
+t = threading.Thread(target=leaves_autocommit_off); t.start(); t.join(5)
+assert all(w.get_autocommit() for w in pool._idle if w.connection is not None)
+from django.db import transaction
+def dies_in_atomic():
+    transaction.atomic().__enter__()
+    connections["default"].cursor().execute("SELECT 1")
+    core.release_current()
+discarded = core.state().counters.pool_discarded
+t = threading.Thread(target=dies_in_atomic); t.start(); t.join(5)
+assert core.state().counters.pool_discarded == discarded + 1
+
+# After a fork, the pools start empty; deactivate() puts Django's handler back.
+core.forget_after_fork()
+assert core._pools["default"]._idle == [] and core.any_active()
+pooled_class = type(connections)
+core.deactivate()
+assert type(connections) is not pooled_class and not core.any_active()
+print("ok")
+"""
+
+
+def test_pool_core_with_a_waiter_for_threads(tmp_path: Path) -> None:
+    run_script(POOL, tmp_path)
+
+
+REGISTRY = r"""
+import threading, django
+django.setup()
+from django.db import connection, connections
+from serverhooks import registry
+
+registry.start_tracking()
+registry.start_tracking()  # idempotent: one receiver
+from django.db.backends.signals import connection_created
+assert sum("serverhooks.track" in str(r[0]) for r in connection_created.receivers) == 1
+connection.ensure_connection()
+others = []
+def other_thread():
+    connections["default"].ensure_connection()
+    others.append(connections["default"])
+t = threading.Thread(target=other_thread); t.start(); t.join(5)
+found = registry.all_wrappers()
+assert connections["default"] in found and others[0] in found, found
+assert registry.close_wrapper(others[0]) and others[0].connection is None  # another thread's, cleanly
+assert not registry.close_wrapper(others[0])
+registry.stop_tracking()
+assert registry.all_wrappers() == [connections["default"]]
+print("ok")
+"""
+
+
+def test_registry_finds_every_threads_connections(tmp_path: Path) -> None:
+    run_script(REGISTRY, tmp_path)
+
+
+def test_a_neutralised_socket_sends_nothing_and_leaves_the_parents_copy_alone() -> None:
+    ours, server = socket.socketpair()
+    parent_copy = socket.socket(fileno=os.dup(ours.fileno()))  # what the parent keeps after a fork
+    with ours, server, parent_copy:
+        sockets._swap_in_devnull(ours.fileno())
+        with pytest.raises(OSError) as sent:
+            ours.send(b"COM_QUIT")
+        assert sent.value.errno == __import__("errno").ENOTSOCK
+        parent_copy.sendall(b"still mine")
+        assert server.recv(64) == b"still mine", "the parent's session is untouched"
+
+
+def test_driver_names() -> None:
+    class Fake:
+        pass
+
+    for module, name in (
+        ("MySQLdb.connections", "mysqlclient"),
+        ("pymysql.connections", "pymysql"),
+        ("sqlite3", "sqlite3"),
+    ):
+        kind = type("Connection", (), {"__module__": module})
+        assert sockets.driver_name(kind()) == name
+    assert sockets.driver_name(Fake()) == "tests"
+
+
+INTERNALS = r"""
+import logging, django
+django.setup()
+from serverhooks import _internals
+from django.db import connections
+from django.core.cache import caches
+logging.getLogger("serverhooks").addHandler(handler := logging.Handler())
+warnings = []
+handler.emit = lambda record: warnings.append(record.getMessage())
+
+assert _internals.connection_storage(connections) is not None
+assert _internals.connection_storage(caches) is not None
+assert _internals.local_storage(_internals.connection_storage(connections)) is not None
+wrapper = connections["default"]
+assert isinstance(_internals.thread_ident(wrapper), int)
+assert isinstance(_internals.postgres_pools(), dict)
+import psycopg_pool
+pool = psycopg_pool.ConnectionPool("", open=False)
+assert _internals.pool_idle_connections(pool) == []
+import psycopg.waiting
+assert hasattr(psycopg.waiting, "_ready_poll") and hasattr(psycopg.waiting, "wait_poll")
+from django.core.cache.backends.redis import RedisCache
+cache = RedisCache("redis://127.0.0.1:1/0", {})
+cache._cache  # the client, created without connecting
+assert _internals.cache_client_pools(cache) == []  # no pool until the first command
+import pymysql
+assert _internals.pymysql_socket(pymysql.connections.Connection(defer_connect=True)) is None
+assert not warnings, warnings
+# A moved attribute: one WARNING naming it, and the "nothing there" value.
+class Moved: pass
+assert _internals.connection_storage(Moved()) is None and _internals.connection_storage(Moved()) is None
+assert len(warnings) == 1 and "ConnectionHandler._connections" in warnings[0], warnings
+print("ok")
+"""
+
+
+def test_every_private_attribute_is_where_serverhooks_expects_it(tmp_path: Path) -> None:
+    run_script(INTERNALS, tmp_path)
