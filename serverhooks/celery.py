@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from serverhooks import _adapter, _django, conf, fork, registry
-from serverhooks.pool import core as pool_core
+from serverhooks.pool import active as pools
 from serverhooks.worker import close_at_exit
 
 __all__ = [
@@ -103,8 +103,8 @@ def on_task_postrun(task: Any = None, **kwargs: Any) -> None:
     with _guarded("task_postrun"):
         if _is_eager(task):
             return
-        if pool_core.any_active():
-            pool_core.release_current()
+        if pools.any_active():
+            pools.release_current()
             return
         db = _django.loaded_db()
         if db is not None:

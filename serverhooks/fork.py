@@ -22,7 +22,7 @@ from typing import Any
 from serverhooks import _django, _internals, conf, registry, sockets
 from serverhooks._log import describe_error, logger
 from serverhooks._process import ProcessState, start_afresh_after_fork, state
-from serverhooks.pool import core as pool_core
+from serverhooks.pool import active as pools
 
 __all__ = [
     "abandon_after_guarded_fork",
@@ -106,7 +106,7 @@ def hold_for_fork() -> None:
     current.fork_has_work = None
     current.held_for_fork[:] = [(w, w.connection) for w in registry.all_wrappers() if w.connection is not None]
     current.fork_has_work = bool(
-        current.held_for_fork or _internals.postgres_pools() or _initialised_caches() or pool_core.any_active()
+        current.held_for_fork or _internals.postgres_pools() or _initialised_caches() or pools.any_active()
     )
 
 
@@ -227,4 +227,4 @@ def _forget_caches(current: ProcessState) -> None:
 
 
 def _forget_pooled(current: ProcessState) -> None:
-    pool_core.forget_after_fork()
+    pools.forget_after_fork()

@@ -132,10 +132,10 @@ def prepare_gevent_worker() -> None:
         changed = make_drivers_cooperative()
         pooled: list[str] = []
         if conf.get("GEVENT_POOL"):
-            from serverhooks.pool import core, gevent
+            from serverhooks.pool import active, gevent
 
             pooled = gevent.activate(conf.get("POOL_SIZE"), conf.get("POOL_TIMEOUT"))
-            _undo.append(core.deactivate)
+            _undo.append(active.deactivate)
         logger.debug(
             "serverhooks: gevent worker ready; reset: %s; drivers: %s; pooled aliases: %s (size %s)",
             ", ".join(reset) or "nothing",

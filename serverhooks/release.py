@@ -9,14 +9,14 @@ from __future__ import annotations
 from serverhooks import registry
 from serverhooks._log import describe_error, logger
 from serverhooks._process import state
-from serverhooks.pool import core as pool_core
+from serverhooks.pool import active as pools
 
 __all__ = ["release_connections"]
 
 
 def release_connections() -> int:
     """Give back this thread's (or greenlet's) connections; returns how many were released."""
-    released = pool_core.release_current()
+    released = pools.release_current()
     for wrapper in registry.this_thread_wrappers():
         if wrapper.in_atomic_block:
             # The caller's transaction is still open (`with releasing():` inside `atomic()`):

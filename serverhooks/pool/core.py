@@ -11,8 +11,8 @@ wrapper keeps what Django set up on connect (time zone, isolation level,
 `init_command`) and skips the reconnect entirely.
 
 What a unit of work is, and how to wait, is the *waiter*'s business (see `Waiter`);
-this module knows neither gevent nor threads. It imports `django.db` only in workers,
-inside `activate()` and the functions the pool runs.
+this module knows neither gevent nor threads. Which pools are active, and how Django is
+made to use them, is serverhooks.pool.active. It imports `django.db` only in workers.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serverhooks import _internals, conf, cursorguard, health, sockets
+from serverhooks import _internals, conf, cursorguard, health
 from serverhooks._log import describe_error, logger
 from serverhooks._process import state
 
-__all__ = ["Pool", "Slots", "Waiter", "activate", "any_active", "deactivate", "forget_after_fork", "release_current"]
+__all__ = ["Pool", "Slots", "Waiter"]
 
 
 class Slots(Protocol):
@@ -270,105 +270,3 @@ def _driver_in_transaction(raw: Any) -> bool:
         return int(status) != 0  # 0: IDLE in both psycopg and psycopg2
     server_status = getattr(raw, "server_status", None)  # PyMySQL
     return isinstance(server_status, int) and bool(server_status & 0x0001)  # SERVER_STATUS_IN_TRANS
-
-
-# --------------------------------------------------------------------------- activation
-
-_pools: dict[str, Pool] = {}
-_original_handler_class: Any = None
-
-
-def _pooled_handler_class(base: Any) -> type:
-    def __getitem__(self: Any, alias: str) -> Any:
-        storage = _internals.connection_storage(self)
-        try:
-            return getattr(storage, alias)
-        except AttributeError:
-            pass
-        pool = _pools.get(alias)
-        if pool is None:
-            return base.__getitem__(self, alias)
-        wrapper = pool.checkout()
-        setattr(storage, alias, wrapper)
-        return wrapper
-
-    return type(f"Pooled{base.__name__}", (base,), {"__getitem__": __getitem__, "__module__": __name__})
-
-
-def _count_opened(sender: Any, connection: Any, **kwargs: Any) -> None:
-    if getattr(connection, "_serverhooks_pool", None) is not None:
-        state().counters.pool_opened += 1
-
-
-def release_current() -> int:
-    """Return the current unit of work's pooled connections; how many went back."""
-    if not _pools:
-        return 0
-    from django.db import connections
-
-    storage = _internals.connection_storage(connections)
-    released = 0
-    for alias, pool in _pools.items():
-        wrapper = getattr(storage, alias, None)
-        if wrapper is not None and pool.holds(wrapper):
-            delattr(storage, alias)
-            pool.checkin(wrapper)
-            released += 1
-    return released
-
-
-def _on_request_finished(**kwargs: Any) -> None:
-    try:
-        release_current()
-    except Exception as exc:  # a release failure must not turn into a failed response
-        logger.warning("serverhooks: returning connections to the pool failed: %s", describe_error(exc))
-
-
-def activate(waiter: Waiter, size: int, timeout: float) -> list[str]:
-    """Pool every alias that does not use Django's own pool; returns the pooled aliases."""
-    global _original_handler_class
-    from django.core.signals import request_finished
-    from django.db import connections
-    from django.db.backends.signals import connection_created
-
-    handler: Any = connections
-    if _original_handler_class is None:
-        _original_handler_class = type(handler)
-        handler.__class__ = _pooled_handler_class(_original_handler_class)
-    for alias in handler:
-        if handler.settings[alias].get("OPTIONS", {}).get("pool"):
-            logger.debug("serverhooks: %r uses Django's own pool; serverhooks does not pool it", alias)
-            continue
-        _pools.setdefault(alias, Pool(alias, size, timeout, waiter))
-    request_finished.connect(_on_request_finished, dispatch_uid="serverhooks.pool.release")
-    connection_created.connect(_count_opened, dispatch_uid="serverhooks.pool.opened")
-    return sorted(_pools)
-
-
-def deactivate() -> None:
-    """Undo `activate`: close idle connections, restore Django's handler class and signals."""
-    global _original_handler_class
-    from django.core.signals import request_finished
-    from django.db import connections
-    from django.db.backends.signals import connection_created
-
-    for pool in _pools.values():
-        pool.close_idle()
-    _pools.clear()
-    if _original_handler_class is not None:
-        handler: Any = connections
-        handler.__class__ = _original_handler_class
-        _original_handler_class = None
-    request_finished.disconnect(dispatch_uid="serverhooks.pool.release")
-    connection_created.disconnect(dispatch_uid="serverhooks.pool.opened")
-
-
-def forget_after_fork() -> None:
-    """In a forked child: the pools' sessions were abandoned with the rest; start empty."""
-    for alias, pool in list(_pools.items()):
-        sockets.keep_forever(pool)
-        _pools[alias] = Pool(alias, pool.size, pool.timeout, pool.waiter)
-
-
-def any_active() -> bool:
-    return bool(_pools)

@@ -12,7 +12,7 @@ from typing import Any
 from gevent import getcurrent
 from gevent.lock import BoundedSemaphore
 
-from serverhooks.pool import core
+from serverhooks.pool import active, core
 
 __all__ = ["GreenletWaiter", "activate"]
 
@@ -41,4 +41,4 @@ class GreenletWaiter:
 
 def activate(size: int, timeout: float) -> list[str]:
     """Pool every alias for this gevent worker; returns the pooled aliases."""
-    return core.activate(GreenletWaiter(), size, timeout)
+    return active.activate(GreenletWaiter(), size, timeout)

@@ -38,7 +38,8 @@ POOL = r"""
 import threading, time, django
 django.setup()
 from django.db import connections
-from serverhooks.pool import PoolTimeout, core
+from serverhooks.pool import PoolTimeout, active
+from serverhooks._process import state
 
 class ThreadWaiter:
     # The pool's waiting primitive for plain threads: what a new kind of concurrency plugs in.
@@ -47,25 +48,25 @@ class ThreadWaiter:
     def is_dead(self, unit): return not unit.is_alive()
     def on_death(self, unit, callback): return False
 
-assert core.activate(ThreadWaiter(), size=2, timeout=0.3) == ["default"]
-pool = core._pools["default"]
+assert active.activate(ThreadWaiter(), size=2, timeout=0.3) == ["default"]
+pool = active._pools["default"]
 
 def use_and_release():
     connections["default"].cursor().execute("SELECT 1")
-    return core.release_current()
+    return active.release_current()
 
 # Checkout at first use, checkin at release; the same wrapper is reused.
 first = connections["default"]
 first.cursor().execute("SELECT 1")
-assert core.release_current() == 1 and pool._idle == [first]
+assert active.release_current() == 1 and pool._idle == [first]
 assert connections["default"] is first and pool._idle == []
-core.release_current()
+active.release_current()
 
 # The bound: two holders; a third waits POOL_TIMEOUT, then fails naming the settings.
 hold, stop = threading.Barrier(3, timeout=5), threading.Event()
 def holder():
     connections["default"].cursor().execute("SELECT 1")
-    hold.wait(); stop.wait(5); core.release_current()
+    hold.wait(); stop.wait(5); active.release_current()
 holders = [threading.Thread(target=holder) for _ in range(2)]
 for t in holders: t.start()
 hold.wait()
@@ -90,24 +91,24 @@ assert use_and_release() == 1
 def leaves_autocommit_off():
     connections["default"].set_autocommit(False)
     connections["default"].cursor().execute("SELECT 1")
-    core.release_current()
+    active.release_current()
 t = threading.Thread(target=leaves_autocommit_off); t.start(); t.join(5)
 assert all(w.get_autocommit() for w in pool._idle if w.connection is not None)
 from django.db import transaction
 def dies_in_atomic():
     transaction.atomic().__enter__()
     connections["default"].cursor().execute("SELECT 1")
-    core.release_current()
-discarded = core.state().counters.pool_discarded
+    active.release_current()
+discarded = state().counters.pool_discarded
 t = threading.Thread(target=dies_in_atomic); t.start(); t.join(5)
-assert core.state().counters.pool_discarded == discarded + 1
+assert state().counters.pool_discarded == discarded + 1
 
 # After a fork, the pools start empty; deactivate() puts Django's handler back.
-core.forget_after_fork()
-assert core._pools["default"]._idle == [] and core.any_active()
+active.forget_after_fork()
+assert active._pools["default"]._idle == [] and active.any_active()
 pooled_class = type(connections)
-core.deactivate()
-assert type(connections) is not pooled_class and not core.any_active()
+active.deactivate()
+assert type(connections) is not pooled_class and not active.any_active()
 print("ok")
 """
 
