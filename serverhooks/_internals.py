@@ -28,6 +28,7 @@ __all__ = [
     "postgres_pools",
     "pymysql_socket",
     "replace_connection_storage",
+    "run_after_dirty_worker_cleanup",
     "set_thread_ident",
     "thread_ident",
     "use_psycopg_poll_wait",
@@ -129,6 +130,26 @@ def use_psycopg_poll_wait(waiting: Any) -> Callable[[], None] | None:
         waiting.wait, waiting._ready = original_wait, original_ready
 
     return undo
+
+
+# --------------------------------------------------------------------------- Gunicorn
+
+
+def run_after_dirty_worker_cleanup(worker: Any, step: Callable[[], None]) -> bool:
+    """Run `step` when a Gunicorn dirty worker cleans up on its way out (`_cleanup`, after its
+    apps closed): it leaves with os._exit, so no hook or atexit handler runs after that."""
+    cleanup = _get(worker, "_cleanup", "gunicorn DirtyWorker", "closing its connections at exit")
+    if cleanup is None:
+        return False
+
+    def cleanup_then_step() -> None:
+        try:
+            cleanup()
+        finally:
+            step()
+
+    worker._cleanup = cleanup_then_step
+    return True
 
 
 # --------------------------------------------------------------------------- redis, PyMySQL

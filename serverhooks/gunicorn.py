@@ -24,11 +24,25 @@ from typing import Any
 
 # Everything the workers run is imported here, in the master: that spares every worker the
 # import (and its copy-on-write page faults). None of it imports django.db.
-from serverhooks import _adapter, _django, fork
+from serverhooks import _adapter, _django, _internals, fork, registry
 from serverhooks._log import logger, say_once
 from serverhooks.worker import close_at_exit
 
-__all__ = ["on_exit", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit"]
+
+def _has_dirty_arbiter() -> bool:
+    """Gunicorn 25+ has a dirty arbiter, with hooks of its own (gunicorn is imported already here)."""
+    try:
+        import gunicorn
+
+        return tuple(gunicorn.version_info) >= (25, 0)
+    except Exception:
+        return False
+
+
+_HOOK_NAMES = ["on_exit", "on_starting", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit"]
+_DIRTY_HOOK_NAMES = ["dirty_post_fork", "dirty_worker_exit", "dirty_worker_init", "on_dirty_starting"]
+# What `from serverhooks.gunicorn import *` installs: the dirty arbiter's hooks only where they exist.
+__all__ = sorted(_HOOK_NAMES + (_DIRTY_HOOK_NAMES if _has_dirty_arbiter() else []))
 
 Hook = Callable[..., None]
 
@@ -81,6 +95,17 @@ def _say_if_django_unusable() -> None:
 def _ours(function: Hook) -> Hook:
     function.__serverhooks__ = True  # type: ignore[attr-defined]
     return function
+
+
+@_ours
+def on_starting(server: Any) -> None:
+    """Master, app preloaded, before any fork. Gunicorn 25+ forks its dirty arbiter right after,
+    with no pre_fork: close here, so that it inherits nothing, and arm the fork guard."""
+    with _never_raise("on_starting"):
+        _route_logs_to_gunicorn(server.log)
+        _warn_about_replaced_hooks(server.cfg)
+        fork.close_before_fork()
+        _adapter.arm_fork_guard()
 
 
 @_ours
@@ -137,10 +162,42 @@ def on_exit(server: Any) -> None:
         close_at_exit()
 
 
-_HOOKS: dict[str, Hook] = {name: globals()[name] for name in __all__}
+@_ours
+def on_dirty_starting(arbiter: Any) -> None:
+    """The dirty arbiter, first thing (Gunicorn 25+): abandon what it inherited from the master,
+    and guard the forks of its dirty workers, which run no pre_fork or post_fork either."""
+    with _never_raise("on_dirty_starting"):
+        fork.abandon_inherited()
+        registry.start_tracking()
+        _adapter.arm_fork_guard()
+
+
+@_ours
+def dirty_post_fork(arbiter: Any, worker: Any) -> None:
+    """The dirty arbiter, after forking a dirty worker: nothing to do (the fork guard did it);
+    here so that @chain keeps a hook of your own."""
+
+
+@_ours
+def dirty_worker_init(worker: Any) -> None:
+    """A dirty worker, its apps loaded: get ready as a worker does, and close cleanly at its exit
+    (dirty workers leave with os._exit, so neither worker_exit nor atexit runs there)."""
+    with _never_raise("dirty_worker_init"):
+        fork.abandon_inherited()
+        _adapter.worker_ready(first_worker_of_server=False)
+        _internals.run_after_dirty_worker_cleanup(worker, close_at_exit)
+
+
+@_ours
+def dirty_worker_exit(arbiter: Any, worker: Any) -> None:
+    """The dirty arbiter, after a dirty worker exited: nothing to do (it closed its own
+    connections); here so that @chain keeps a hook of your own."""
+
+
+_HOOKS: dict[str, Hook] = {name: globals()[name] for name in _HOOK_NAMES + _DIRTY_HOOK_NAMES}
 # Ours run first where the user's code should see a clean process, last where it
 # may still want the database.
-_OURS_LAST = {"worker_exit", "on_exit"}
+_OURS_LAST = {"worker_exit", "on_exit", "dirty_worker_exit"}
 
 
 def chain(user_hook: Hook) -> Hook:

@@ -97,6 +97,21 @@ def server_rules(server: Server, django: Django | None) -> list[Finding]:
                         where,
                     )
                 )
+    if server.dirty_workers and not server.serverhooks:
+        persistent = [repr(d.alias) for d in databases if _persistent(d) and d.vendor != "other"]
+        inherits = server.forks_after_loading_app and bool(persistent)
+        findings.append(
+            Finding(
+                "serverhooks.W010",
+                Severity.ERROR if inherits else Severity.WARNING,
+                f"dirty_workers = {server.dirty_workers}: Gunicorn forks its dirty arbiter after loading the app, and "
+                "the dirty workers from it, with no pre_fork or post_fork"
+                + (f", so they inherit the master's connection to {', '.join(persistent)}" if inherits else "")
+                + "; nothing closes the dirty workers' own sessions when they exit.",
+                fix_line + ".",
+                where,
+            )
+        )
     for database in databases:
         per_process = server.threads
         if server.gevent:

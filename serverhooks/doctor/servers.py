@@ -33,6 +33,7 @@ class Server:
     serverhooks: bool
     per_process_limit: int | None  # gevent's worker_connections / async cores: greenlets per process
     forwarded_allow_ips: list[str] = dataclasses.field(default_factory=list)
+    dirty_workers: int = 0  # Gunicorn 25+'s dirty arbiter, forked after preload_app without pre_fork
 
 
 # --------------------------------------------------------------------------- Gunicorn
@@ -81,6 +82,7 @@ def read_gunicorn(path: str) -> Server:
         serverhooks=any(getattr(hook, "__serverhooks__", False) for hook in hooks),
         per_process_limit=int(cfg.worker_connections) if gevent else None,
         forwarded_allow_ips=list(cfg.forwarded_allow_ips or []),
+        dirty_workers=int(getattr(cfg, "dirty_workers", 0) or 0) if getattr(cfg, "dirty_apps", None) else 0,
     )
 
 

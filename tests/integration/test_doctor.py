@@ -155,6 +155,16 @@ def test_w009_forwarded_allow_ips_star(tmp_path: Path) -> None:
     assert "serverhooks.W009" not in ids(["-c", local], env)
 
 
+def test_w010_the_dirty_arbiter_without_serverhooks(tmp_path: Path) -> None:
+    body = "preload_app = True\ndirty_workers = 2\ndirty_apps = ['tests.project.dirty:OrmApp']"
+    env = {"DATABASE_URL": MYSQL, "CONN_MAX_AGE": 3600}
+    plain = doctor(["-c", gunicorn_conf(tmp_path, body)], env)[1]["findings"]
+    assert [(f["id"], f["severity"]) for f in plain if f["id"] == "serverhooks.W010"] == [("serverhooks.W010", "error")]
+    assert "serverhooks.W010" not in ids(["-c", gunicorn_conf(tmp_path, body, hooks=True)], env)
+    no_dirty = gunicorn_conf(tmp_path, "preload_app = True")
+    assert "serverhooks.W010" not in {f["id"] for f in doctor(["-c", no_dirty], env)[1]["findings"]}
+
+
 def test_the_shipped_configs_are_clean() -> None:
     env = {"DATABASE_URL": with_driver(MYSQL, "pymysql"), "GUNICORN_CONTROL_SOCKET_DISABLE": 1}
     assert ids(["-c", "gunicorn.conf.py", "--ini", "uwsgi.ini"], env) == set()

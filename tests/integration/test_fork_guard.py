@@ -101,6 +101,21 @@ def test_django_pool_is_not_shared_with_children(fresh_database: Callable[[str],
     assert hooks["parent_before"] not in sessions
 
 
+@pytest.mark.skipif(django.VERSION < (5, 1), reason="Django's PostgreSQL pool is new in 5.1")
+@pytest.mark.parametrize("fix", ["clear", "delete"])
+def test_django_fixing_its_pool_after_fork_too(fix: str, fresh_database: Callable[[str], str]) -> None:
+    """Django's pending fix (ticket 36957, PR 20803) clears the pools dict in the child before
+    serverhooks' guard runs: serverhooks finds it empty, or gone, and carries on without an error.
+    (With the attribute gone, Django's own pool property fails in the child: that is Django's.)"""
+    url = dbserver.django_url("postgres", fresh_database("postgres"), extra_query="pool=1")
+    hooks = forkcheck(url, True, "--child-closes", "--children", "2", "--django-fork-fix", fix)
+    assert hooks["parent_after"] == hooks["parent_before"]
+    for child in hooks["children"]:
+        assert child["serverhooks_errors"] == 0, child
+        if fix == "clear":
+            assert "error" not in child and child["session"] != hooks["parent_before"], child
+
+
 def test_sqlite_child_never_uses_the_parents_handle(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path}/fork.sqlite3"
     control = forkcheck(url, False, "--children", "2")

@@ -15,6 +15,7 @@ urlpatterns = [
     path("spawn-and-forget", views.spawn_and_forget),
     path("count", views.count),
     path("cut", views.cut),
+    path("dirty", views.dirty),
     path("listen", views.listen),
     path("notifications", views.notifications),
 ]

@@ -203,3 +203,11 @@ def notifications(request: HttpRequest) -> JsonResponse:
         payloads = [n.payload for n in raw.notifies]
         raw.notifies.clear()
     return JsonResponse({"session": _session_id(), "payloads": payloads})
+
+
+def dirty(request: HttpRequest) -> JsonResponse:
+    """Ask Gunicorn's dirty app (tests/project/dirty.py) to round-trip a marker through its own connection."""
+    from gunicorn.dirty import get_dirty_client
+
+    answer = get_dirty_client().execute("tests.project.dirty:OrmApp", "session", request.GET.get("m", ""))
+    return JsonResponse(answer)

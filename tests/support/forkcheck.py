@@ -4,6 +4,7 @@ Run in a fresh interpreter per arm, so each gets its own driver and settings:
 
     DATABASE_URL=... SERVERHOOKS_APP=1|0 python -m tests.support.forkcheck \
         --how os.fork|multiprocessing --children 3 [--child-closes] [--thread-conn]
+        [--django-fork-fix clear|delete]
 
 The parent opens a session, forks, lets each child (optionally) query and call
 `connections.close_all()` as common recipes do, then `gc.collect()`. It prints
@@ -48,7 +49,27 @@ def _child_body(child_closes: bool, out: Any) -> None:
         gc.collect()
     except Exception as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
+    import serverhooks
+
+    report["serverhooks_errors"] = serverhooks.stats()["errors"]
     out.send(report)
+
+
+def _simulate_django_fork_fix(how: str) -> None:
+    """Django's pending fix for ticket 36957 (PR 20803): an at-fork handler that clears the class-level
+    PostgreSQL pools in the child. Registered before serverhooks' guard, so it runs first there."""
+
+    def in_child() -> None:
+        base = sys.modules.get("django.db.backends.postgresql.base")
+        wrapper_class = getattr(base, "DatabaseWrapper", None)
+        if wrapper_class is None:
+            return
+        if how == "clear":
+            wrapper_class._connection_pools.clear()
+        elif "_connection_pools" in vars(wrapper_class):
+            delattr(wrapper_class, "_connection_pools")
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 def _run_child_os_fork(child_closes: bool) -> dict[str, Any]:
@@ -80,7 +101,10 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=3)
     parser.add_argument("--child-closes", action="store_true")
     parser.add_argument("--thread-conn", action="store_true", help="also hold a connection in a parked thread")
+    parser.add_argument("--django-fork-fix", choices=["clear", "delete"], help="simulate Django's PR 20803")
     args = parser.parse_args()
+    if args.django_fork_fix:
+        _simulate_django_fork_fix(args.django_fork_fix)
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.project.settings")
     django.setup()

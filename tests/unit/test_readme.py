@@ -37,7 +37,7 @@ def test_settings_table_is_generated_from_the_code() -> None:
 def test_hook_table_lists_exactly_the_exported_hooks() -> None:
     import serverhooks.gunicorn
 
-    rows = re.findall(r"^\| `(\w+)` \| (?:master|worker|re-exec)", README, flags=re.M)
+    rows = re.findall(r"^\| `(\w+)` \| (?:master|worker|re-exec|dirty)", README, flags=re.M)
     assert sorted(rows) == sorted(serverhooks.gunicorn.__all__)
 
 
