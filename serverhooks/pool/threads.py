@@ -1,0 +1,38 @@
+"""The pool's waiter for threads: what ASGI servers run Django's sync code in.
+
+Django's ASGI handler gives each request a thread of its own (a `ThreadSensitiveContext`):
+the view, the middleware and every `sync_to_async` call of that request run there, async
+ORM calls included. So a request is its thread: it checks a connection out at its first
+database use and gives it back at `request_finished`, in that thread. A thread that ended
+without giving back (a client that went away mid-request) is found when the pool runs dry.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from serverhooks.pool import active, core
+
+__all__ = ["ThreadWaiter", "activate"]
+
+
+class ThreadWaiter:
+    """Threads wait on a semaphore; each holds what it checked out until its request ends."""
+
+    def slots(self, size: int) -> core.Slots:
+        return threading.BoundedSemaphore(size)
+
+    def current(self) -> Any:
+        return threading.current_thread()
+
+    def is_dead(self, unit: Any) -> bool:
+        return not unit.is_alive()
+
+    def on_death(self, unit: Any, callback: Any) -> bool:
+        return False  # a thread cannot say when it ends: dead ones are found when the pool runs dry
+
+
+def activate(size: int, timeout: float) -> list[str]:
+    """Pool every alias for this process's threads; returns the pooled aliases."""
+    return active.activate(ThreadWaiter(), size, timeout)
