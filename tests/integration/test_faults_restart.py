@@ -3,10 +3,13 @@
 The tests start database servers of their own (their own data directory and port, never
 the shared ones other tests use), serve them with Gunicorn gthread workers (4 threads
 each, so some sessions sit idle through the restart), and restart them while a client
-keeps sending requests. Requests started 1 s after the server answers again must all
-succeed. The control is the same run with serverhooks' request-start check switched off:
-there, sessions that sat idle through the restart fail their next request, once the server
-is back (Django then closes them, so the failures stop soon after).
+keeps sending requests (it pauses while the server is down, so that every session the
+workers hold sits idle through the restart: a request during the outage would fail anyway,
+and Django would close that session, which made the control depend on which threads the
+outage's requests happened to reach). Requests started 1 s after the server answers again
+must all succeed. The control is the same run with serverhooks' request-start check switched
+off: there, the first requests after the server is back fail on the dead sessions (Django
+then closes them, so the failures stop soon after).
 Needs root and the servers' binaries, so it skips inside the tests container.
 """
 
@@ -50,17 +53,32 @@ def private_server(request: pytest.FixtureRequest) -> Iterator[faults.PrivateSer
 class SteadyLoad:
     """One client, a request every 200 ms, recording when each request started and how it ended.
 
-    Slow enough that some of the 8 sessions sit idle through a 1 s outage (a request during the
-    outage fails, and Django closes that session), as most do in a fleet of workers.
+    pause() waits for the request in flight and holds the next one until resume(), so every
+    session the workers hold sits idle through the outage, as most do in a fleet of workers.
     """
 
     socket_path: str
     results: list[tuple[float, bool]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _running: threading.Event = field(default_factory=threading.Event)
+    _idle: threading.Event = field(default_factory=threading.Event)
+
+    def pause(self) -> None:
+        self._running.clear()
+        if not self._idle.wait(15):
+            raise AssertionError("the steady client did not pause within 15 s")
+
+    def resume(self) -> None:
+        self._running.set()
 
     def _client(self) -> None:
         deadline = time.monotonic() + 120
         while not self._stop.is_set() and time.monotonic() < deadline:
+            if not self._running.is_set():
+                self._idle.set()
+                self._running.wait(1.0)
+                continue
+            self._idle.clear()
             started = time.monotonic()
             marker = uuid.uuid4().hex
             try:
@@ -71,6 +89,7 @@ class SteadyLoad:
             self._stop.wait(0.2)
 
     def __enter__(self) -> SteadyLoad:
+        self._running.set()
         self._threads = [threading.Thread(target=self._client)]
         for thread in self._threads:
             thread.start()
@@ -78,6 +97,7 @@ class SteadyLoad:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._running.set()
         for thread in self._threads:
             thread.join(30)
 
@@ -98,10 +118,12 @@ def test_restart_under_steady_load(
         http.marker_load(server.socket_path, clients=8, per_client=5)  # every thread has a session
         with SteadyLoad(server.socket_path) as load:
             time.sleep(1.0)
+            load.pause()
             private_server.stop()
             time.sleep(DOWN_SECONDS)
             private_server.start()
             back = time.monotonic()
+            load.resume()
             time.sleep(GRACE + 4.0)
         after_back = [ok for started, ok in load.results if started >= back]
         after_grace = [ok for started, ok in load.results if started >= back + GRACE]
@@ -117,4 +139,6 @@ def test_restart_under_steady_load(
     assert outcome[True]["requests after the grace"] >= 15
     assert outcome[True]["failed after the grace"] == 0
     # The control: sessions idle through the restart fail their next request, after the server is back.
+    # Every thread that ever served holds one (CONN_MAX_AGE=600), so the first request after the
+    # restart meets one in any worker that served.
     assert outcome[False]["failed once it answered"] > 0, "the control should show requests failing on dead sessions"
