@@ -105,16 +105,24 @@ SETTINGS: tuple[Setting, ...] = (
         "and return at the end of each request. Off: plain Django, one connection per greenlet.",
     ),
     Setting(
+        "ASGI_POOL",
+        True,
+        _parse_bool,
+        "Under ASGI (Gunicorn's asgi worker, or an app wrapped in serverhooks.asgi.pooled), give each "
+        "worker a bounded pool of connections that requests check out and return when they end. "
+        "Off: plain Django, a session per request.",
+    ),
+    Setting(
         "POOL_SIZE",
         10,
         _parse_positive_int,
-        "Most connections a worker's gevent pool holds per database alias (idle plus in use).",
+        "Most connections a worker's pool (gevent or ASGI) holds per database alias (idle plus in use).",
     ),
     Setting(
         "POOL_TIMEOUT",
         10.0,
         _parse_seconds,
-        "Seconds a greenlet waits for a free pooled connection before the query fails with an error "
+        "Seconds a request waits for a free pooled connection before the query fails with an error "
         "naming this setting.",
     ),
     Setting(

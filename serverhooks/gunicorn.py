@@ -24,7 +24,7 @@ from typing import Any
 
 # Everything the workers run is imported here, in the master: that spares every worker the
 # import (and its copy-on-write page faults). None of it imports django.db.
-from serverhooks import _adapter, _django, _internals, fork, registry
+from serverhooks import _adapter, _django, _internals, asgi, fork, registry
 from serverhooks._log import logger, say_once
 from serverhooks.worker import close_at_exit
 
@@ -128,12 +128,15 @@ def post_fork(server: Any, worker: Any) -> None:
 
 @_ours
 def post_worker_init(worker: Any) -> None:
-    """Worker, app loaded (and gevent patched): track connections, guard forks, probe once."""
+    """Worker, app loaded (and gevent patched): track connections, guard forks, probe once;
+    under an ASGI worker, give its request threads a pool (serverhooks.asgi)."""
     with _never_raise("post_worker_init"):
         _route_logs_to_gunicorn(worker.log)
         _warn_about_replaced_hooks(worker.cfg)
         # The first worker a master spawns checks the databases; respawns do not.
         _adapter.worker_ready(first_worker_of_server=getattr(worker, "age", 0) == 1)
+        if asgi.is_asgi_worker(worker):
+            asgi.install()
 
 
 @_ours

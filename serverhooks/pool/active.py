@@ -8,14 +8,16 @@ checks a connection out of it; `request_finished` (or `release_current()`) check
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from serverhooks import _internals, sockets
-from serverhooks._log import describe_error, logger
+from serverhooks._log import describe_error, logger, say_once
 from serverhooks._process import state
 from serverhooks.pool.core import Pool, Waiter
 
-__all__ = ["activate", "any_active", "deactivate", "forget_after_fork", "release_current"]
+__all__ = ["activate", "active_waiter", "any_active", "deactivate", "forget_after_fork", "release_current"]
 
 
 _pools: dict[str, Pool] = {}
@@ -30,7 +32,9 @@ def _pooled_handler_class(base: Any) -> type:
         except AttributeError:
             pass
         pool = _pools.get(alias)
-        if pool is None:
+        if pool is None or asyncio._get_running_loop() is not None:
+            # An event loop's thread never ends a request, so it would hold a slot for good;
+            # it gets Django's own wrapper, which refuses queries there (SynchronousOnlyOperation).
             return base.__getitem__(self, alias)
         wrapper = pool.checkout()
         setattr(storage, alias, wrapper)
@@ -68,7 +72,7 @@ def _on_request_finished(**kwargs: Any) -> None:
         logger.warning("serverhooks: returning connections to the pool failed: %s", describe_error(exc))
 
 
-def activate(waiter: Waiter, size: int, timeout: float) -> list[str]:
+def activate(waiter: Waiter, size: int, timeout: float, *, max_age_zero_reuses: bool = False) -> list[str]:
     """Pool every alias that does not use Django's own pool; returns the pooled aliases."""
     global _original_handler_class
     from django.core.signals import request_finished
@@ -81,9 +85,14 @@ def activate(waiter: Waiter, size: int, timeout: float) -> list[str]:
         handler.__class__ = _pooled_handler_class(_original_handler_class)
     for alias in handler:
         if handler.settings[alias].get("OPTIONS", {}).get("pool"):
-            logger.debug("serverhooks: %r uses Django's own pool; serverhooks does not pool it", alias)
+            say_once(
+                f"django-pool-{alias}",
+                logging.INFO,
+                "serverhooks: database %r uses Django's own pool (OPTIONS['pool']); serverhooks leaves it alone.",
+                alias,
+            )
             continue
-        _pools.setdefault(alias, Pool(alias, size, timeout, waiter))
+        _pools.setdefault(alias, Pool(alias, size, timeout, waiter, max_age_zero_reuses=max_age_zero_reuses))
     request_finished.connect(_on_request_finished, dispatch_uid="serverhooks.pool.release")
     connection_created.connect(_count_opened, dispatch_uid="serverhooks.pool.opened")
     return sorted(_pools)
@@ -111,8 +120,13 @@ def forget_after_fork() -> None:
     """In a forked child: the pools' sessions were abandoned with the rest; start empty."""
     for alias, pool in list(_pools.items()):
         sockets.keep_forever(pool)
-        _pools[alias] = Pool(alias, pool.size, pool.timeout, pool.waiter)
+        _pools[alias] = Pool(alias, pool.size, pool.timeout, pool.waiter, max_age_zero_reuses=pool.max_age_zero_reuses)
 
 
 def any_active() -> bool:
     return bool(_pools)
+
+
+def active_waiter() -> Waiter | None:
+    """The waiter of the active pools (one kind per process), or None."""
+    return next((pool.waiter for pool in _pools.values()), None)

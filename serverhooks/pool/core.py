@@ -18,6 +18,7 @@ made to use them, is serverhooks.pool.active. It imports `django.db` only in wor
 from __future__ import annotations
 
 import _thread
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -62,12 +63,20 @@ class _Holding:
 class Pool:
     """Wrappers for one alias: at most `size` exist; idle ones are reused newest first."""
 
-    def __init__(self, alias: str, size: int, timeout: float, waiter: Waiter) -> None:
+    def __init__(
+        self, alias: str, size: int, timeout: float, waiter: Waiter, *, max_age_zero_reuses: bool = False
+    ) -> None:
         self.alias = alias
         self.size = size
         self.timeout = timeout
         self.waiter = waiter
+        # CONN_MAX_AGE=0 is what Django tells ASGI users to set, only because their sessions
+        # leak otherwise. Under a pool nothing leaks, so there it means "reuse, no age cap".
+        self.max_age_zero_reuses = max_age_zero_reuses
         self._slots = waiter.slots(size)
+        # Guards the idle lists between OS threads. It is held only around list operations,
+        # never across I/O, so under gevent (where it is gevent's lock) it never yields.
+        self._lists = threading.Lock()
         self._idle: list[Any] = []
         self._reclaimed: list[Any] = []  # from dead units of work: cleaned by the next checkout
         self._holdings: dict[int, _Holding] = {}
@@ -111,13 +120,15 @@ class Pool:
             logger.warning("%s", error)
         return error
 
+    def _pop(self, wrappers: list[Any]) -> Any:
+        with self._lists:
+            return wrappers.pop() if wrappers else None
+
     def _next_wrapper(self) -> Any:
-        while self._reclaimed:
-            wrapper = self._reclaimed.pop()
+        while (wrapper := self._pop(self._reclaimed)) is not None:
             if self._make_clean(wrapper):
                 return wrapper
-        while self._idle:
-            wrapper = self._idle.pop()
+        while (wrapper := self._pop(self._idle)) is not None:
             _adopt(wrapper)
             self._drop_dead_session(wrapper)
             if wrapper.connection is not None:
@@ -127,6 +138,9 @@ class Pool:
 
         fresh: Any = connections.create_connection(self.alias)
         fresh._serverhooks_pool = self
+        if self.max_age_zero_reuses and fresh.settings_dict.get("CONN_MAX_AGE") == 0:
+            # A copy: Django shares one settings dict between every wrapper of an alias.
+            fresh.settings_dict = {**fresh.settings_dict, "CONN_MAX_AGE": None}
         health.watch(fresh)
         if conf.get("CLOSE_INTERRUPTED"):
             cursorguard.guard(fresh)  # a query cut short closes it: nothing reaches the next holder
@@ -153,7 +167,8 @@ class Pool:
         self._unhold(wrapper)
         try:
             if self._make_clean(wrapper):
-                self._idle.append(wrapper)
+                with self._lists:
+                    self._idle.append(wrapper)
         finally:
             self._slots.release()
 
@@ -230,16 +245,19 @@ class Pool:
         if holding is None:
             return
         for wrapper in holding.wrappers:
-            self._reclaimed.append(wrapper)
+            with self._lists:
+                self._reclaimed.append(wrapper)
             state().counters.pool_reclaimed += 1
             self._slots.release()
 
     def close_idle(self) -> None:
-        for wrapper in self._idle + self._reclaimed:
+        with self._lists:
+            wrappers = self._idle + self._reclaimed
+            self._idle.clear()
+            self._reclaimed.clear()
+        for wrapper in wrappers:
             _adopt(wrapper)
             _close_quietly(wrapper)
-        self._idle.clear()
-        self._reclaimed.clear()
 
 
 def _adopt(wrapper: Any) -> None:

@@ -34,5 +34,9 @@ class ThreadWaiter:
 
 
 def activate(size: int, timeout: float) -> list[str]:
-    """Pool every alias for this process's threads; returns the pooled aliases."""
-    return active.activate(ThreadWaiter(), size, timeout)
+    """Pool every alias for this process's threads; returns the pooled aliases.
+
+    Here CONN_MAX_AGE=0 (Django's advice for ASGI, against the leak the pool removes) means
+    reuse with no age cap; a value above 0 still caps each session's lifetime.
+    """
+    return active.activate(ThreadWaiter(), size, timeout, max_age_zero_reuses=True)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.gunicorn
 
 WORKERS = 2
 MAX_REQUESTS = 20
-LOAD = {"clients": 4, "per_client": 60}  # 240 requests: about 12 recycled workers
+LOAD: dict[str, Any] = {"clients": 4, "per_client": 60}  # 240 requests: about 12 recycled workers
 
 
 def abandoned(family: str, name: str) -> int:

@@ -50,14 +50,7 @@ def _start(
 
 
 def _worker_stats(server: procs.Server) -> list[dict[str, Any]]:
-    """serverhooks.stats() of every worker, by asking /whoami until each answered."""
-    found: dict[int, dict[str, Any]] = {}
-    for _ in range(100):
-        data = http.get_json(server.socket_path, "/whoami")
-        found[data["pid"]] = data["serverhooks"]
-        if len(found) == WORKERS:
-            break
-    return list(found.values())
+    return http.worker_stats(server.socket_path, WORKERS)
 
 
 @pytest.mark.parametrize("family", ["mysql", "postgres"])

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from tests.project import views
+from tests.project import async_views, views
 
 urlpatterns = [
     path("ping", views.ping),
@@ -18,4 +18,8 @@ urlpatterns = [
     path("dirty", views.dirty),
     path("listen", views.listen),
     path("notifications", views.notifications),
+    path("async/orm", async_views.orm),
+    path("async/stream", async_views.stream),
+    path("async/slow", async_views.slow),
+    path("async/background", async_views.background),
 ]

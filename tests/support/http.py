@@ -67,9 +67,15 @@ class MarkerRun:
 
 
 def marker_load(
-    path: str, clients: int = 8, per_client: int = 250, deadline_s: float = 180.0, timeout: float = 10.0
+    path: str,
+    clients: int = 8,
+    per_client: int = 250,
+    deadline_s: float = 180.0,
+    timeout: float = 10.0,
+    endpoint: str = "/echo",
 ) -> MarkerRun:
-    """`clients` threads x `per_client` requests to /echo, each with a fresh marker (each waited for `timeout`)."""
+    """`clients` threads x `per_client` requests to `endpoint` (/echo, or a view that answers as it
+    does), each with a fresh marker (each waited for `timeout`)."""
     run = MarkerRun()
     lock = threading.Lock()
     stop_at = time.monotonic() + deadline_s
@@ -84,7 +90,7 @@ def marker_load(
             with lock:
                 run.sent.append(marker)
             try:
-                status, body = get(path, f"/echo?m={marker}", timeout=timeout)
+                status, body = get(path, f"{endpoint}?m={marker}", timeout=timeout)
             except Exception as exc:
                 with lock:
                     run.failures.append(f"{type(exc).__name__}: {exc}")
@@ -141,3 +147,14 @@ def concurrent_gets(path: str, url: str, clients: int, per_client: int, timeout:
     for t in threads:
         t.join(timeout * per_client + 30)
     return statuses
+
+
+def worker_stats(path: str, workers: int, tries: int = 200) -> list[dict[str, Any]]:
+    """serverhooks.stats() of every worker, by asking /whoami until `workers` pids answered (bounded)."""
+    found: dict[int, dict[str, Any]] = {}
+    for _ in range(tries):
+        data = get_json(path, "/whoami")
+        found[data["pid"]] = data["serverhooks"]
+        if len(found) == workers:
+            break
+    return list(found.values())

@@ -157,6 +157,27 @@ def start_gunicorn(
     return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
 
 
+def start_uvicorn(
+    tmp: Path, env: dict[str, str], *, app: str = "tests.project.asgi:application", workers: int = 2
+) -> Server:
+    """Start uvicorn with `workers` worker processes, serving HTTP on a unix socket in `tmp`."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    socket_path = str(tmp / "uvicorn.sock")
+    log_path = tmp / "uvicorn.log"
+    command = [sys.executable, "-m", "uvicorn", "--uds", socket_path, "--workers", str(workers)]
+    command += ["--lifespan", "off", "--log-level", "warning", "--timeout-graceful-shutdown", "10", app]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
+
+
 def start_uwsgi(
     tmp: Path,
     env: dict[str, str],

@@ -39,14 +39,8 @@ import threading, time, django
 django.setup()
 from django.db import connections
 from serverhooks.pool import PoolTimeout, active
+from serverhooks.pool.threads import ThreadWaiter
 from serverhooks._process import state
-
-class ThreadWaiter:
-    # The pool's waiting primitive for plain threads: what a new kind of concurrency plugs in.
-    def slots(self, size): return threading.BoundedSemaphore(size)
-    def current(self): return threading.current_thread()
-    def is_dead(self, unit): return not unit.is_alive()
-    def on_death(self, unit, callback): return False
 
 assert active.activate(ThreadWaiter(), size=2, timeout=0.3) == ["default"]
 pool = active._pools["default"]
@@ -102,6 +96,34 @@ def dies_in_atomic():
 discarded = state().counters.pool_discarded
 t = threading.Thread(target=dies_in_atomic); t.start(); t.join(5)
 assert state().counters.pool_discarded == discarded + 1
+
+# Many threads at once (ASGI's request threads): no error, never more than the bound in use.
+import asyncio
+in_use, peak, lock, errors = 0, 0, threading.Lock(), []
+def churn():
+    global in_use, peak
+    try:
+        for _ in range(100):
+            connections["default"].cursor().execute("SELECT 1")
+            with lock:
+                in_use += 1; peak = max(peak, in_use)
+            with lock:
+                in_use -= 1
+            active.release_current()
+    except Exception as exc:
+        errors.append(repr(exc))
+pool.timeout = 10
+threads = [threading.Thread(target=churn) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join(60)
+assert errors == [] and peak <= 2, (errors[:3], peak)
+assert len({id(w) for w in pool._idle}) <= 2
+
+# An event loop's thread never checks one out: it would hold it for good.
+async def in_the_loop():
+    return connections["default"]
+holdings = dict(pool._holdings)
+assert not pool.holds(asyncio.run(in_the_loop())) and pool._holdings == holdings
 
 # After a fork, the pools start empty; deactivate() puts Django's handler back.
 active.forget_after_fork()
