@@ -228,15 +228,20 @@ def _get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
         return int(response.status), response.read()
 
 
-def _sessions_on(stack: Stack, database: str) -> int:
+def _sessions_of(stack: Stack, database: str) -> dict[int, str]:
+    """{pid: what it is} of the sessions on `database` in the stack's PostgreSQL, but this one."""
     with dbserver.admin("postgres", url=stack.url("postgres")) as pg:
-        row = pg.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        rows = pg.execute(
+            "SELECT pid, application_name, client_addr, backend_start, state, left(query, 80) "
+            "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchall()
+    return {int(row[0]): " ".join(str(field) for field in row[1:]) for row in rows}
 
 
 def test_app_container_keeps_the_images_promises(stack: Stack) -> None:
+    # Sessions that are not the app's (a test before this one may have left one closing).
+    before = set(_sessions_of(stack, "test"))
     done = stack.compose("up", "-d", "app-gunicorn", log=stack.work / "compose.log")
     assert done.returncode == 0, (stack.work / "compose.log").read_text()
     container = stack.container("app-gunicorn")
@@ -258,7 +263,7 @@ def test_app_container_keeps_the_images_promises(stack: Stack) -> None:
     assert "/tmp" in json.loads(dockerstack.inspect(container, "{{json .HostConfig.Tmpfs}}"))
 
     # SIGTERM: the request in flight completes, Gunicorn exits within graceful_timeout, no session is left.
-    assert _sessions_on(stack, "test") > 0
+    assert set(_sessions_of(stack, "test")) - before, "the app holds sessions while it serves"
     slow: list[Any] = []
     request = threading.Thread(target=lambda: slow.append(_get(port, "/sleep?s=2", timeout=30)))
     request.start()
@@ -273,9 +278,10 @@ def test_app_container_keeps_the_images_promises(stack: Stack) -> None:
     assert took < graceful_timeout, f"docker stop took {took:.1f} s"
     assert dockerstack.inspect(container, "{{.State.ExitCode}}") == "0"
     deadline = time.monotonic() + 10
-    while _sessions_on(stack, "test") and time.monotonic() < deadline:
+    while set(_sessions_of(stack, "test")) - before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _sessions_on(stack, "test") == 0
+    left = {pid: what for pid, what in _sessions_of(stack, "test").items() if pid not in before}
+    assert left == {}, f"the app's sessions left after its graceful stop: {left}; before it started: {before}"
     stack.timings["app graceful stop"] = took
 
 
