@@ -24,7 +24,7 @@ def _env_bool(name: str, default: bool) -> bool:
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000").split(",")
 # Worker processes. WEB_CONCURRENCY is the de-facto standard variable (Heroku, buildpacks).
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2 + 1))
-# sync, gthread or gevent; serverhooks covers all three.
+# sync, gthread, gevent or asgi; serverhooks covers all four.
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 # Threads per worker (gthread). Each thread holds its own database session.
 threads = int(os.environ.get("GUNICORN_THREADS", "1"))

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench import common
 
@@ -111,6 +112,7 @@ ARMS: dict[str, tuple[Arm, ...]] = {
     ),
 }
 PEERS = (GEVENTPOOL, DJANGOPOOL)
+A = TypeVar("A", bound=Arm)  # this bench's arms, or another's (bench/asgi_bench.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,14 +405,14 @@ class Window:
     pool_opened_per_worker: list[int]
 
 
-def _conf_source(hooks: bool) -> str:
+def _conf_source(hooks: bool, code_dir: Path = CODE_DIR) -> str:
     """The shipped gunicorn.conf.py from the snapshot, importing from the snapshot; without serverhooks' line."""
-    text = (CODE_DIR / "gunicorn.conf.py").read_text()
+    text = (code_dir / "gunicorn.conf.py").read_text()
     if len(HOOKS_IMPORT.findall(text)) != 1:
         raise RuntimeError("gunicorn.conf.py: expected exactly one `from serverhooks.gunicorn import *` line")
     if not hooks:
         text = HOOKS_IMPORT.sub("", text)
-    return f"import sys\nsys.path.insert(0, {str(CODE_DIR)!r})\n" + text
+    return f"import sys\nsys.path.insert(0, {str(code_dir)!r})\n" + text
 
 
 def arm_env(arm: Arm, database: str, pool_size: int) -> dict[str, str]:
@@ -462,10 +464,41 @@ def run_window(
     pool_size: int,
 ) -> Window:
     """One window of one arm: a fresh master, warm-up, the measured load, its stats; stopped; counted."""
-    counters, tracker_admin = admins
-    from tests.support import dbserver, procs
+    from tests.support import procs
 
-    tmp = OUT_DIR / f"{arm.family}-{arm.key}-r{rnd}"
+    def start() -> Server:
+        return procs.start_gunicorn(
+            OUT_DIR / f"{arm.family}-{arm.key}-r{rnd}",
+            arm_env(arm, database, pool_size),
+            settings={"_source": _conf_source(arm.hooks)},
+            workers=WORKERS,
+        )
+
+    return measure_window(
+        arm.key, arm.family, start, arm.pooled_by_serverhooks, rnd, position, database, admins, plan, pool
+    )
+
+
+def measure_window(
+    arm_key: str,
+    family: str,
+    start: Callable[[], Server],
+    pool_stats: bool,
+    rnd: int,
+    position: int,
+    database: str,
+    admins: tuple[ServerCounters, ServerCounters],
+    plan: Plan,
+    pool: Pool,
+    while_up: Callable[[Server], None] | None = None,
+) -> Window:
+    """One window on the master `start()` starts: warm-up, the measured load, (`pool_stats`) every
+    worker's serverhooks.stats(), then `while_up(server)` if given; stopped; counted.
+
+    Shared with bench/asgi_bench.py, whose servers and arms are its own."""
+    counters, tracker_admin = admins
+    from tests.support import dbserver
+
     # The gap: nothing of ours touches the server; MariaDB's global counter tells whether anyone else did.
     gap_before = counters.read(database)
     time.sleep(plan.gap_seconds)
@@ -475,18 +508,18 @@ def run_window(
     try:
         with (
             SessionTracker(tracker_admin, database, plan.tracker_interval) as tracker,
-            dbserver.SessionSampler(arm.family, database, interval=plan.sample_interval) as sampler,
+            dbserver.SessionSampler(family, database, interval=plan.sample_interval) as sampler,
         ):
-            server = procs.start_gunicorn(
-                tmp, arm_env(arm, database, pool_size), settings={"_source": _conf_source(arm.hooks)}, workers=WORKERS
-            )
+            server = start()
             server.wait_ready(60.0)
             warm = run_load(pool, server, plan.warmup_seconds, plan)
             load = run_load(pool, server, plan.window_seconds, plan)
             stats: dict[int, dict[str, Any]] = {}
             stats_requests = 0
-            if arm.pooled_by_serverhooks:
+            if pool_stats:
                 stats, stats_requests = _worker_stats(server)
+            if while_up is not None:
+                while_up(server)
             server.stop()
             left_now = counters.open_sessions(database)
             for _ in range(200):  # until the stopped master's sessions are gone (bounded), still tracking
@@ -497,12 +530,12 @@ def run_window(
     except BaseException:
         if server is not None:
             server.stop()
-            print(f"--- {arm.family}/{arm.key} round {rnd}: server log ---\n{server.log()[-5000:]}", file=sys.stderr)
+            print(f"--- {family}/{arm_key} round {rnd}: server log ---\n{server.log()[-5000:]}", file=sys.stderr)
         raise
     left, after = counters.settle(database)
     attempts = sampler.samples + len(sampler.refused)
     sampler_refused_max = sum(1 for r in sampler.refused if "Too many connections" in r or "1040" in r)
-    if arm.family == "mysql":
+    if family == "mysql":
         app_attempts = after["Connections"] - before["Connections"] - attempts
         refused = after["Connection_errors_max_connections"] - before["Connection_errors_max_connections"]
         refused -= sampler_refused_max
@@ -515,8 +548,8 @@ def run_window(
     requests_total = warm.counts.requests + load.counts.requests + stats_requests
     pool_sum = {key: float(sum(s.get(key, 0) for s in stats.values())) for key in POOL_KEYS}
     return Window(
-        arm=arm.key,
-        family=arm.family,
+        arm=arm_key,
+        family=family,
         rnd=rnd,
         position=position,
         load=load,
@@ -541,14 +574,14 @@ def run_window(
 # =========================================================================== the run
 
 
-def resolved_pool_size(database: str) -> int:
+def resolved_pool_size(database: str, code_dir: Path = CODE_DIR) -> int:
     """POOL_SIZE as the serverhooks arm's workers resolve it (env > settings.SERVERHOOKS > default)."""
     env = arm_env(ARMS["postgres"][1], database, 0)
     code = "import django; django.setup(); from serverhooks import conf; print(conf.get('POOL_SIZE'))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=common.REPO,
-        env={**os.environ, **env, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(CODE_DIR)},
+        env={**os.environ, **env, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(code_dir)},
         capture_output=True,
         check=True,
         timeout=60,
@@ -556,7 +589,7 @@ def resolved_pool_size(database: str) -> int:
     return int(out.stdout.decode().strip().splitlines()[-1])
 
 
-def _rotated(arms: Sequence[Arm], rnd: int) -> list[Arm]:
+def _rotated(arms: Sequence[A], rnd: int) -> list[A]:
     shift = rnd % len(arms)
     return [*arms[shift:], *arms[:shift]]
 

@@ -20,6 +20,12 @@ __all__ = ["ThreadWaiter", "activate"]
 class ThreadWaiter:
     """Threads wait on a semaphore; each holds what it checked out until its request ends."""
 
+    # What most often holds slots under ASGI: work that has no request end.
+    timeout_hint = (
+        " Work outside a request (a thread of your own, run_in_executor, a Channels consumer) keeps "
+        "its connection until it runs inside serverhooks.threads.releasing()."
+    )
+
     def slots(self, size: int) -> core.Slots:
         return threading.BoundedSemaphore(size)
 

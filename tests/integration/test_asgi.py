@@ -1,4 +1,4 @@
-"""Family 4 under real Gunicorn `-k asgi` and real uvicorn, counted on the database server.
+"""Family 4 under real Gunicorn `-k asgi`, uvicorn and hypercorn, counted on the database server.
 
 Django's ASGI handler runs each request's sync code in a thread of its own, so without
 serverhooks every request opens a session, and with CONN_MAX_AGE > 0 they pile up (the
@@ -44,21 +44,29 @@ def _env(url: str, conn_max_age: int = 600, **extra: Any) -> dict[str, str]:
 
 
 def _gunicorn(
-    tmp_path: Path, servers: list[procs.Server], env: dict[str, str], *, hooks: bool = True, preload: bool = False
+    tmp_path: Path,
+    servers: list[procs.Server],
+    env: dict[str, str],
+    *,
+    hooks: bool = True,
+    preload: bool = False,
+    workers: int = WORKERS,
 ) -> procs.Server:
     if hooks:
         env = {**env, "GUNICORN_PRELOAD": "1" if preload else "0"}
-        server = procs.start_gunicorn(tmp_path, env, app=ASGI_APP, workers=WORKERS)
+        server = procs.start_gunicorn(tmp_path, env, app=ASGI_APP, workers=workers)
     else:
         settings = {"worker_class": "asgi", "preload_app": preload}
-        server = procs.start_gunicorn(tmp_path, env, settings=settings, app=ASGI_APP, workers=WORKERS)
+        server = procs.start_gunicorn(tmp_path, env, settings=settings, app=ASGI_APP, workers=workers)
     servers.append(server)
     server.wait_ready()
     return server
 
 
-def _uvicorn(tmp_path: Path, servers: list[procs.Server], env: dict[str, str], *, hooks: bool) -> procs.Server:
-    server = procs.start_uvicorn(tmp_path, {**env, "SERVERHOOKS_TEST_ASGI_WRAP": "1" if hooks else "0"})
+def _asgi_server(
+    kind: str, tmp_path: Path, servers: list[procs.Server], env: dict[str, str], *, hooks: bool
+) -> procs.Server:
+    server = procs.start_asgi_server(kind, tmp_path, {**env, "SERVERHOOKS_TEST_ASGI_WRAP": "1" if hooks else "0"})
     servers.append(server)
     server.wait_ready(timeout=60)
     return server
@@ -139,6 +147,20 @@ def test_gunicorn_asgi_sessions_stay_within_the_bound(
     assert stored == set(seen["run"].sent)
 
 
+def test_gunicorn_with_uvicorns_worker_class(
+    fresh_database: Callable[[str], str], servers: list[procs.Server], tmp_path: Path
+) -> None:
+    """`-k uvicorn.workers.UvicornWorker`: the same one line installs the same pool."""
+    pytest.importorskip("uvicorn.workers")
+    name = fresh_database("mysql")
+    env = {**_env(dbserver.django_url("mysql", name)), "GUNICORN_WORKER_CLASS": "uvicorn.workers.UvicornWorker"}
+    server = _gunicorn(tmp_path, servers, env)
+    seen = _burst_and_count(server, "mysql", name)
+    _assert_clean(seen["run"], BURST)
+    assert seen["distinct"] <= BOUND and seen["peak"] <= BOUND
+    assert sum(s["pool_opened"] for s in _worker_stats(server)) <= BOUND
+
+
 def test_gunicorn_asgi_sqlite(servers: list[procs.Server], tmp_path: Path) -> None:
     server = _gunicorn(tmp_path, servers, _env(f"sqlite:///{tmp_path}/asgi.sqlite3"))
     run = http.marker_load(server.socket_path, clients=10, per_client=20)
@@ -200,15 +222,18 @@ def test_work_outside_a_request_gives_its_slot_back_with_releasing(
 ) -> None:
     name = fresh_database("postgres")
     env = _env(dbserver.django_url("postgres", name), SERVERHOOKS_POOL_SIZE=1, SERVERHOOKS_POOL_TIMEOUT=1)
-    server = _gunicorn(tmp_path, servers, {**env, "WEB_CONCURRENCY": "1"})
-    server.expected_workers = 1
+    server = _gunicorn(tmp_path, servers, env, workers=1)  # one worker, one slot: the request must wait for it
     assert http.get_json(server.socket_path, f"/async/background?release={int(release)}")["released"] is release
     status, body = http.get(server.socket_path, f"/echo?m={uuid.uuid4().hex}")
     if release:
         assert status == 200, body[:300]
     else:
         # The control: a thread outside any request keeps the worker's only slot.
-        assert status == 500 and "POOL_TIMEOUT" in server.log()
+        assert status == 500, body[:300]
+        deadline = time.monotonic() + 10  # the worker's WARNING reaches its log a moment later
+        while "releasing()" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "POOL_TIMEOUT" in server.log() and "releasing()" in server.log()
 
 
 def test_conn_max_age_0_reuses_and_above_0_caps(
@@ -255,10 +280,29 @@ def test_200_clients_never_exceed_the_bound(
     env = _env(dbserver.django_url("postgres", name), SERVERHOOKS_POOL_SIZE=3, SERVERHOOKS_POOL_TIMEOUT=60)
     server = _gunicorn(tmp_path, servers, env)
     with dbserver.SessionSampler("postgres", name, interval=0.02) as sampler:
-        statuses = http.concurrent_gets(server.socket_path, "/sleep?s=0.05", clients=200, per_client=2)
+        # Gunicorn 27's asgi worker re-listens with asyncio's default backlog of 100, whatever
+        # `backlog` says: connects beyond it are refused (EAGAIN) before any worker sees them.
+        statuses = http.concurrent_gets(
+            server.socket_path, "/sleep?s=0.05", clients=200, per_client=2, timeout=90, retry_full_backlog=True
+        )
     assert statuses == {200: 400}
     assert 0 < sampler.peak <= WORKERS * 3
     assert sum(s["pool_waits"] for s in _worker_stats(server)) > 0
+
+
+def test_djangos_own_pool_is_left_alone_and_said_once(
+    fresh_database: Callable[[str], str], servers: list[procs.Server], tmp_path: Path
+) -> None:
+    name = fresh_database("postgres")
+    server = _gunicorn(tmp_path, servers, _env(dbserver.django_url("postgres", name, extra_query="pool=1")))
+    run = http.marker_load(server.socket_path, clients=10, per_client=20)
+    _assert_clean(run, 200)
+    stats = _worker_stats(server)
+    assert all(s["pool_opened"] == 0 for s in stats), _pool_figures(stats)
+    said = "uses Django's own pool (OPTIONS['pool']); serverhooks leaves it alone"
+    assert server.log().count(said) == WORKERS  # once per worker, in each worker's log lines
+    # Django's pool (max_size 4 per worker in the test project) bounds the sessions itself.
+    assert len(dbserver.sessions("postgres", name)) <= WORKERS * 4
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
@@ -277,12 +321,14 @@ def test_sync_and_gthread_workers_keep_their_behaviour(
     assert "ASGI pool" not in server.log()
 
 
-# ----------------------------------------------------------------- uvicorn
+# ----------------------------------------------------------------- uvicorn, hypercorn
 
 
 @pytest.mark.parametrize("hooks", [False, True], ids=["control", "pooled"])
 @pytest.mark.parametrize(("family", "driver"), FAMILIES, ids=["mysql", "postgres"])
-def test_uvicorn_workers_with_the_asgi_py_line(
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn"])
+def test_asgi_servers_with_the_asgi_py_line(
+    kind: str,
     hooks: bool,
     family: str,
     driver: str,
@@ -290,13 +336,13 @@ def test_uvicorn_workers_with_the_asgi_py_line(
     servers: list[procs.Server],
     tmp_path: Path,
 ) -> None:
-    pytest.importorskip("uvicorn")
+    pytest.importorskip(kind)
     name = fresh_database(family)
-    server = _uvicorn(tmp_path, servers, _env(dbserver.django_url(family, name, driver)), hooks=hooks)
-    seen = _burst_and_count(server, family, name, endpoint="/async/orm" if hooks else "/echo")
+    server = _asgi_server(kind, tmp_path, servers, _env(dbserver.django_url(family, name, driver)), hooks=hooks)
+    seen = _burst_and_count(server, family, name, endpoint="/async/orm")
     run = seen["run"]
     print(
-        f"uvicorn {'pooled' if hooks else 'control'} {family}: {seen['distinct']} sessions for {run.ok}, "
+        f"{kind} {'pooled' if hooks else 'control'} {family}: {seen['distinct']} sessions for {run.ok}, "
         f"peak {seen['peak']}, {seen['after_idle']} after 5 s idle"
     )
     if not hooks:

@@ -122,8 +122,14 @@ def marker_load(
     return run
 
 
-def concurrent_gets(path: str, url: str, clients: int, per_client: int, timeout: float = 30.0) -> dict[int, int]:
-    """`clients` threads each GET `url` `per_client` times at once; {status: count} (0: no answer)."""
+def concurrent_gets(
+    path: str, url: str, clients: int, per_client: int, timeout: float = 30.0, retry_full_backlog: bool = False
+) -> dict[int, int]:
+    """`clients` threads each GET `url` `per_client` times at once; {status: count} (0: no answer).
+
+    `retry_full_backlog`: a connect refused because the listen queue is full (EAGAIN on a unix
+    socket) is tried again, for up to `timeout`, as a client behind a retrying proxy would.
+    """
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     start = threading.Barrier(clients, timeout=30)
@@ -134,10 +140,18 @@ def concurrent_gets(path: str, url: str, clients: int, per_client: int, timeout:
         except threading.BrokenBarrierError:
             pass
         for _ in range(per_client):
-            try:
-                status = get(path, url, timeout=timeout)[0]
-            except Exception:
-                status = 0
+            give_up_at = time.monotonic() + timeout
+            while True:
+                try:
+                    status = get(path, url, timeout=timeout)[0]
+                except BlockingIOError:
+                    if retry_full_backlog and time.monotonic() < give_up_at:
+                        time.sleep(0.05)
+                        continue
+                    status = 0
+                except Exception:
+                    status = 0
+                break
             with lock:
                 statuses[status] = statuses.get(status, 0) + 1
 

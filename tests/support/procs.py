@@ -157,18 +157,26 @@ def start_gunicorn(
     return Server(proc=proc, socket_path=socket_path, log_path=log_path, expected_workers=workers)
 
 
-def start_uvicorn(
-    tmp: Path, env: dict[str, str], *, app: str = "tests.project.asgi:application", workers: int = 2
+def _asgi_server_command(server: str, socket_path: str, workers: int) -> list[str]:
+    if server == "uvicorn":
+        return ["-m", "uvicorn", "--uds", socket_path, "--workers", str(workers), "--lifespan", "off",
+                "--log-level", "warning", "--timeout-graceful-shutdown", "10"]  # fmt: skip
+    if server == "hypercorn":
+        return ["-m", "hypercorn", "--bind", f"unix:{socket_path}", "--workers", str(workers),
+                "--graceful-timeout", "10"]  # fmt: skip
+    raise ValueError(f"no command for ASGI server {server!r}")
+
+
+def start_asgi_server(
+    server: str, tmp: Path, env: dict[str, str], *, app: str = "tests.project.asgi:application", workers: int = 2
 ) -> Server:
-    """Start uvicorn with `workers` worker processes, serving HTTP on a unix socket in `tmp`."""
+    """Start uvicorn or hypercorn with `workers` worker processes, serving HTTP on a unix socket in `tmp`."""
     tmp.mkdir(parents=True, exist_ok=True)
-    socket_path = str(tmp / "uvicorn.sock")
-    log_path = tmp / "uvicorn.log"
-    command = [sys.executable, "-m", "uvicorn", "--uds", socket_path, "--workers", str(workers)]
-    command += ["--lifespan", "off", "--log-level", "warning", "--timeout-graceful-shutdown", "10", app]
+    socket_path = str(tmp / f"{server}.sock")
+    log_path = tmp / f"{server}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            command,
+            [sys.executable, *_asgi_server_command(server, socket_path, workers), app],
             cwd=REPO,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=log,
