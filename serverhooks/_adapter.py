@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from serverhooks import _django, conf, forkguard, probe, worker
+from serverhooks import _django, conf, forkguard, metrics, probe, worker
 from serverhooks._log import describe_error, logger
 from serverhooks._process import once, state
 
@@ -41,6 +41,9 @@ def arm_fork_guard() -> None:
 def worker_ready(*, first_worker_of_server: bool) -> None:
     """A worker has loaded the app: prepare it; the first worker of a server start also checks,
     in a background thread, that every database alias loads and answers (PROBE_DATABASES)."""
+    # First (nothing unless configured): the sessions, pools and counters prepare_worker
+    # finds or makes are then counted with their alias.
+    metrics.enable_if_configured(worker=True)
     worker.prepare_worker()
     if first_worker_of_server and conf.get("PROBE_DATABASES") and _django.loaded_db() is not None:
         probe.probe_in_background()

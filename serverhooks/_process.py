@@ -26,6 +26,8 @@ class Counters:
     abandoned_after_fork: int = 0
     #: Django PostgreSQL pools (5.1+) dropped in a child (their sockets neutralised).
     pools_abandoned_after_fork: int = 0
+    #: Database sessions this process opened (Django's connection_created), pooled or not.
+    sessions_opened: int = 0
     #: Connections closed cleanly when the worker exited.
     closed_at_exit: int = 0
     #: gevent pool: sessions opened by pooled connections.

@@ -148,6 +148,14 @@ SETTINGS: tuple[Setting, ...] = (
         "connections; those still busy then are left to the operating system, and counted.",
     ),
     Setting(
+        "METRICS",
+        True,
+        _parse_bool,
+        "With prometheus_client installed and `PROMETHEUS_MULTIPROC_DIR` set, export serverhooks' counters "
+        "and pool gauges as Prometheus metrics (multiprocess mode; README, Metrics). Off, or without either: "
+        "prometheus_client is not even imported.",
+    ),
+    Setting(
         "STATS_LOG_LEVEL",
         "DEBUG",
         _parse_level,

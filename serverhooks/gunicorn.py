@@ -24,7 +24,7 @@ from typing import Any
 
 # Everything the workers run is imported here, in the master: that spares every worker the
 # import (and its copy-on-write page faults). None of it imports django.db.
-from serverhooks import _adapter, _django, _internals, asgi, fork, registry
+from serverhooks import _adapter, _django, _internals, asgi, fork, metrics, registry
 from serverhooks._log import logger, say_once
 from serverhooks.worker import close_at_exit
 
@@ -39,7 +39,9 @@ def _has_dirty_arbiter() -> bool:
         return False
 
 
-_HOOK_NAMES = ["on_exit", "on_starting", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit"]
+_HOOK_NAMES = [
+    "child_exit", "on_exit", "on_starting", "post_fork", "post_worker_init", "pre_exec", "pre_fork", "worker_exit",
+]  # fmt: skip
 _DIRTY_HOOK_NAMES = ["dirty_post_fork", "dirty_worker_exit", "dirty_worker_init", "on_dirty_starting"]
 # What `from serverhooks.gunicorn import *` installs: the dirty arbiter's hooks only where they exist.
 __all__ = sorted(_HOOK_NAMES + (_DIRTY_HOOK_NAMES if _has_dirty_arbiter() else []))
@@ -104,6 +106,7 @@ def on_starting(server: Any) -> None:
     with _never_raise("on_starting"):
         _route_logs_to_gunicorn(server.log)
         _warn_about_replaced_hooks(server.cfg)
+        metrics.enable_if_configured(worker=False)  # the master's own counters (closed_before_fork)
         fork.close_before_fork()
         _adapter.arm_fork_guard()
 
@@ -115,6 +118,7 @@ def pre_fork(server: Any, worker: Any) -> None:
         _route_logs_to_gunicorn(server.log)
         _warn_about_replaced_hooks(server.cfg)
         _say_if_django_unusable()
+        metrics.enable_if_configured(worker=False)  # idempotent; on_starting did it where it ran
         fork.close_before_fork()
         _adapter.arm_fork_guard()
 
@@ -133,10 +137,10 @@ def post_worker_init(worker: Any) -> None:
     with _never_raise("post_worker_init"):
         _route_logs_to_gunicorn(worker.log)
         _warn_about_replaced_hooks(worker.cfg)
+        if asgi.is_asgi_worker(worker):
+            asgi.install()  # first, so that the probe below borrows a pooled session too
         # The first worker a master spawns checks the databases; respawns do not.
         _adapter.worker_ready(first_worker_of_server=getattr(worker, "age", 0) == 1)
-        if asgi.is_asgi_worker(worker):
-            asgi.install()
 
 
 @_ours
@@ -149,6 +153,14 @@ def worker_exit(server: Any, worker: Any) -> None:
             logger.debug("serverhooks: worker %s is already gone; nothing to close here", worker.pid)
             return
         close_at_exit()
+
+
+@_ours
+def child_exit(server: Any, worker: Any) -> None:
+    """Master, a worker gone (recycled, killed or crashed): remove its live gauges' files, as
+    prometheus_client's mark_process_dead does, so that /metrics stops counting it."""
+    with _never_raise("child_exit"):
+        metrics.mark_process_dead(worker.pid)
 
 
 @_ours

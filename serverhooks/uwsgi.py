@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 # Everything the workers run is imported here, in the master (see gunicorn.py).
-from serverhooks import _adapter, _django, fork
+from serverhooks import _adapter, _django, fork, metrics
 from serverhooks._log import say_once
 from serverhooks.worker import close_at_exit
 
@@ -100,6 +100,7 @@ def _close_in_master_before_fork() -> None:
     chance to end the session the master opened while loading the app."""
     if uwsgi is not None and uwsgi.worker_id() == 0 and uwsgi.masterpid() == os.getpid():
         with _never_raise("before fork (master)"):
+            metrics.enable_if_configured(worker=False)  # the master's own counters
             fork.close_before_fork()
 
 

@@ -17,7 +17,7 @@ import time
 import warnings
 from typing import Any
 
-from serverhooks import _django, _internals, conf, cursorguard, forkguard, greenlets, probe, registry
+from serverhooks import _django, _internals, conf, cursorguard, forkguard, greenlets, metrics, probe, registry
 from serverhooks._log import describe_error, logger, redact
 from serverhooks._process import state
 from serverhooks.counters import stats
@@ -85,6 +85,7 @@ def close_at_exit() -> None:
                 pool.close()
             except Exception as exc:
                 logger.warning("serverhooks: closing the pool of %r at exit failed: %s", key, describe_error(exc))
+    metrics.at_exit()  # a process that is gone must not count in live gauges
     level = logging.getLevelName(conf.get("STATS_LOG_LEVEL"))
     logger.log(level, "serverhooks: pid %d counters: %s", os.getpid(), redact(_format_counters()))
 

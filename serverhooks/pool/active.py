@@ -17,7 +17,7 @@ from serverhooks._log import describe_error, logger, say_once
 from serverhooks._process import state
 from serverhooks.pool.core import Pool, Waiter
 
-__all__ = ["activate", "active_waiter", "any_active", "deactivate", "forget_after_fork", "release_current"]
+__all__ = ["activate", "active_waiter", "any_active", "deactivate", "forget_after_fork", "pools", "release_current"]
 
 
 _pools: dict[str, Pool] = {}
@@ -125,6 +125,11 @@ def forget_after_fork() -> None:
 
 def any_active() -> bool:
     return bool(_pools)
+
+
+def pools() -> list[Pool]:
+    """This worker's active pools (serverhooks.metrics reports them)."""
+    return list(_pools.values())
 
 
 def active_waiter() -> Waiter | None:

@@ -24,7 +24,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serverhooks import _internals, conf, cursorguard, health
+from serverhooks import _internals, conf, cursorguard, health, metrics
 from serverhooks._log import describe_error, logger
 from serverhooks._process import state
 
@@ -82,6 +82,8 @@ class Pool:
         self._holdings: dict[int, _Holding] = {}
         self._linked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_timeout_logged = float("-inf")
+        if metrics.meter is not None:  # its sampler reports occupancy(); requests write no metric
+            metrics.meter.pool_created(self)
 
     # ----------------------------------------------------------------- checkout
 
@@ -91,8 +93,16 @@ class Pool:
             self._reclaim_from_dead_units()
             started = time.monotonic()
             counters.pool_waits += 1
-            acquired = self._slots.acquire(timeout=self.timeout)
-            counters.pool_wait_seconds += time.monotonic() - started
+            meter = metrics.meter
+            if meter is not None:
+                meter.waiting(self)
+            try:
+                acquired = self._slots.acquire(timeout=self.timeout)
+            finally:  # also when the wait is cut short (GreenletExit): the gauge must come down
+                waited = time.monotonic() - started
+                counters.pool_wait_seconds += waited
+                if meter is not None:
+                    meter.waited(self, waited)
             if not acquired:
                 raise self._timed_out()
         try:
@@ -110,7 +120,7 @@ class Pool:
             f"serverhooks: no connection to database {self.alias!r} became free within "
             f"POOL_TIMEOUT={self.timeout:g} s; all POOL_SIZE={self.size} are in use by this worker. "
             "Raise SERVERHOOKS['POOL_SIZE'] (within the database's max_connections) or "
-            "SERVERHOOKS['POOL_TIMEOUT'], or hold connections for less time."
+            "SERVERHOOKS['POOL_TIMEOUT'], or hold connections for less time." + getattr(self.waiter, "timeout_hint", "")
         )
         # Django logs the failed request only where its logging is set up: say it here
         # too, at most every 10 s, so that an overloaded worker does not flood its log.
@@ -258,6 +268,11 @@ class Pool:
         for wrapper in wrappers:
             _adopt(wrapper)
             _close_quietly(wrapper)
+
+    def occupancy(self) -> tuple[int, int]:
+        """(checked out, idle) right now; serverhooks.metrics samples it. Reclaimed ones count as idle."""
+        in_use = sum(len(holding.wrappers) for holding in list(self._holdings.values()))
+        return in_use, len(self._idle) + len(self._reclaimed)
 
 
 def _adopt(wrapper: Any) -> None:

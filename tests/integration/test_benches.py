@@ -23,6 +23,8 @@ ALL_RIGHT = {
     "gunicorn_bench": ("every response carries its own marker", "| 0 wrong, 0 errors in "),
     "gevent_bench": ("every answer right, in every arm but no hooks", "| 0 errors or wrong answers in "),
     "health_bench": ("wrong answers / HTTP errors / failures, all arms", "| 0 / 0 / 0 | 0 / 0 / 0 |"),
+    "asgi_bench": ("every answer right in every serverhooks arm", "| 0 errors or wrong answers in "),
+    "metrics_bench": ("wrong answers / HTTP errors / failures, all arms", "| 0 / 0 / 0 | 0 / 0 / 0 |"),
 }
 
 

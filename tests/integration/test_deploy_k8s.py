@@ -259,11 +259,13 @@ def test_pod_runs_non_root_on_a_read_only_root_filesystem() -> None:
     assert f"{effective['runAsUser']}:{effective['runAsGroup']}" == user
 
 
-def test_only_tmp_and_dev_shm_are_writable_and_the_heartbeat_goes_there() -> None:
+def test_only_tmp_dev_shm_and_the_metrics_dir_are_writable_and_the_heartbeat_goes_there() -> None:
     pod, container = _pod_spec(), _container()
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
-    assert set(mounts) == {"/tmp", "/dev/shm"}
+    assert set(mounts) == {"/tmp", "/dev/shm", "/run/prometheus"}
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    assert env["PROMETHEUS_MULTIPROC_DIR"] in mounts, "prometheus_client's files need a writable directory"
     assert all("emptyDir" in volume for volume in mounts.values())
     assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
     assert all(volume["emptyDir"].get("sizeLimit") for volume in mounts.values())

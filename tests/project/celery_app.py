@@ -1,6 +1,7 @@
 """A Celery app for the tests: `celery -A tests.project.celery_app worker ...`.
 
-SERVERHOOKS_CELERY=1 imports serverhooks.celery (the hooks arm). QUERY_BEFORE_FORK=1 runs a
+SERVERHOOKS_CELERY=1 imports serverhooks.celery (the hooks arm); SERVERHOOKS_TEST_METRICS_CONTROL=1
+switches off the removal of dead processes' live gauges. QUERY_BEFORE_FORK=1 runs a
 query in the main process before its pool forks. CELERY_BROKER_URL / CELERY_QUEUE keep
 each test's tasks apart.
 """
@@ -17,6 +18,8 @@ django.setup()
 
 if os.environ.get("SERVERHOOKS_CELERY") == "1":
     import serverhooks.celery  # noqa: F401 - the one line users add
+if os.environ.get("SERVERHOOKS_TEST_METRICS_CONTROL") == "1":
+    import tests.support.metrics_control  # noqa: F401 - the metrics tests' control arm
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 # CELERY_DJANGO_FIXUP=0: no Django fixup, as when the app is created before

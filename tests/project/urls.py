@@ -1,5 +1,6 @@
 from django.urls import path
 
+from serverhooks.metrics.django import metrics_view
 from tests.project import async_views, views
 
 urlpatterns = [
@@ -22,4 +23,5 @@ urlpatterns = [
     path("async/stream", async_views.stream),
     path("async/slow", async_views.slow),
     path("async/background", async_views.background),
+    path("metrics", metrics_view),
 ]

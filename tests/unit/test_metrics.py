@@ -1,0 +1,302 @@
+"""serverhooks.metrics without a database server: on SQLite, each case in a process of its own
+(prometheus_client picks multiprocess mode at import, from the environment)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serverhooks._process import Counters
+from tests.support import procs
+
+pytestmark = pytest.mark.core
+
+
+def run_script(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    full_env.update(
+        DJANGO_SETTINGS_MODULE="tests.project.settings",
+        DATABASE_URL=f"sqlite:///{tmp_path}/metrics.sqlite3",
+        CONN_MAX_AGE="600",
+        SERVERHOOKS_PROBE_DATABASES="0",
+        **env,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=procs.REPO, env=full_env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+# Every hook serverhooks has, run once in this process, then a look at sys.modules.
+HOOKS_THEN_MODULES = r"""
+import logging, sys, types
+logging.basicConfig(level=logging.DEBUG)
+{block}
+import django
+django.setup()
+from django.db import connection
+from serverhooks import _adapter, gunicorn, worker
+server = types.SimpleNamespace(log=None, cfg=types.SimpleNamespace(settings={{}}))
+gunicorn.on_starting(server)
+gunicorn.pre_fork(server, types.SimpleNamespace(pid=1))
+gunicorn.post_fork(server, types.SimpleNamespace(pid=1))
+_adapter.worker_ready(first_worker_of_server=True)
+connection.ensure_connection()
+gunicorn.child_exit(server, types.SimpleNamespace(pid=999999999))
+worker.close_at_exit()
+import serverhooks.metrics.django  # the view's module, as urls.py imports it
+# Not imported (None: the "not installed" case's stand-in for a missing package).
+assert sys.modules.get("prometheus_client") is None, sorted(m for m in sys.modules if "prom" in m)
+assert not [m for m in sys.modules if m.startswith("prometheus_client.")]
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "block"),
+    [
+        ({}, ""),
+        ({"PROMETHEUS_MULTIPROC_DIR": "{tmp}", "SERVERHOOKS_METRICS": "0"}, ""),
+        ({"PROMETHEUS_MULTIPROC_DIR": "{tmp}"}, "sys.modules['prometheus_client'] = None  # not installed"),
+    ],
+    ids=["not-configured", "switched-off", "not-installed"],
+)
+def test_off_nothing_is_imported_and_nothing_written(env: dict[str, str], block: str, tmp_path: Path) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    env = {key: value.format(tmp=directory) for key, value in env.items()}
+    out = run_script(HOOKS_THEN_MODULES.format(block=block), tmp_path, **env)
+    assert list(directory.iterdir()) == []
+    assert "WARNING" not in out.stderr, out.stderr
+
+
+# A worker with metrics on: its counters, a pool's gauges and waits, as a scrape sees them.
+ENABLED = r"""
+import os, threading, time, types, django
+django.setup()
+from django.db import connection, connections
+from prometheus_client import CollectorRegistry, multiprocess
+from serverhooks import _adapter, gunicorn, metrics, stats
+from serverhooks.pool.core import Pool
+from serverhooks.pool.threads import ThreadWaiter
+
+def scrape():
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    found = {}
+    for family in registry.collect():
+        for s in family.samples:
+            found[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))] = s.value
+    return found
+
+_adapter.worker_ready(first_worker_of_server=False)
+assert metrics.meter is not None
+connection.ensure_connection()
+m = scrape()
+assert m[("serverhooks_sessions_opened_total", (("alias", "default"),))] == 1, m
+assert m[("serverhooks_processes", ())] == 1, m
+assert stats()["sessions_opened"] == 1
+# Counters mirror the plain counters, also for increments made before metrics were on.
+from serverhooks._process import state
+state().counters.errors += 2
+assert scrape()[("serverhooks_errors_total", ())] == 2
+
+from serverhooks.metrics import _meter
+_meter.SAMPLE_SECONDS = 3600  # the worker's sampler stays asleep: flush() by hand
+pool = Pool("default", 1, 5.0, ThreadWaiter())
+held = pool.checkout()
+# The request path writes no gauge: the worker's sampler does, every SAMPLE_SECONDS.
+assert scrape()[("serverhooks_pool_in_use", (("alias", "default"),))] == 0
+metrics.meter.flush()
+m = scrape()
+assert m[("serverhooks_pool_size", (("alias", "default"),))] == 1, m
+assert m[("serverhooks_pool_in_use", (("alias", "default"),))] == 1, m
+assert m[("serverhooks_pool_idle", (("alias", "default"),))] == 0, m
+
+def waiter():
+    pool.checkin(pool.checkout())
+
+t = threading.Thread(target=waiter)
+t.start()
+for _ in range(200):
+    if scrape()[("serverhooks_pool_waiting", (("alias", "default"),))] == 1:
+        break
+    time.sleep(0.01)
+else:
+    raise AssertionError("the waiting thread never showed")
+time.sleep(0.1)
+pool.checkin(held)
+t.join(10)
+metrics.meter.flush()
+m = scrape()
+assert m[("serverhooks_pool_waiting", (("alias", "default"),))] == 0, m
+assert m[("serverhooks_pool_in_use", (("alias", "default"),))] == 0, m
+assert m[("serverhooks_pool_idle", (("alias", "default"),))] == 1, m
+assert m[("serverhooks_pool_checkout_wait_seconds_count", (("alias", "default"),))] == 1, m
+assert m[("serverhooks_pool_checkout_wait_seconds_sum", (("alias", "default"),))] >= 0.1, m
+assert m[("serverhooks_pool_waits_total", ())] == 1, m
+assert m[("serverhooks_pool_opened_total", ())] == 0  # no pool activated: pool_opened counts active pools only
+
+# The process exits: its live gauges go, its counters stay.
+from serverhooks import worker
+worker.close_at_exit()
+names = sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+assert not [n for n in names if n.startswith("gauge_live")], names
+assert f"counter_{os.getpid()}.db" in names, names
+print("ok")
+"""
+
+
+def test_enabled_counters_gauges_and_waits_reach_the_files(tmp_path: Path) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    run_script(ENABLED, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
+
+
+def test_sweep_removes_only_live_gauges_of_dead_pids(tmp_path: Path) -> None:
+    from serverhooks.metrics import files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(dead.stdout), os.getpid()
+    assert not files.pid_alive(dead_pid)
+    names = [
+        f"gauge_livesum_{dead_pid}.db",
+        f"gauge_liveall_{dead_pid}.db",
+        f"gauge_livesum_{live_pid}.db",
+        f"gauge_all_{dead_pid}.db",
+        f"counter_{dead_pid}.db",
+        f"histogram_{dead_pid}.db",
+        "notes.txt",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert files.sweep_dead(str(tmp_path)) == [dead_pid]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(names[2:]), left
+
+
+def test_control_without_the_sweep_dead_live_gauges_stay(tmp_path: Path) -> None:
+    """The control arm: prometheus_client alone never removes a dead process's live gauges."""
+    from serverhooks.metrics import files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"gauge_livesum_{int(dead.stdout)}.db").write_bytes(b"")
+    assert files.live_gauge_pids(str(tmp_path)) == {int(dead.stdout)}
+    files.sweep_dead(str(tmp_path))
+    assert files.live_gauge_pids(str(tmp_path)) == set()
+
+
+MISCONFIGURED = r"""
+import logging, django
+logging.basicConfig(level=logging.INFO)
+django.setup()
+from django.db import connection
+from serverhooks import _adapter, metrics, worker
+_adapter.worker_ready(first_worker_of_server=False)
+_adapter.worker_ready(first_worker_of_server=False)
+assert metrics.meter is None
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+worker.close_at_exit()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing", "a-file"])
+def test_misconfigured_directory_is_one_warning_and_the_process_carries_on(kind: str, tmp_path: Path) -> None:
+    target = tmp_path / "prom"
+    if kind == "a-file":
+        target.write_text("")
+    out = run_script(MISCONFIGURED, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(target))
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, out.stderr
+    assert "PROMETHEUS_MULTIPROC_DIR" in warnings[0] and "SERVERHOOKS_METRICS=0" in warnings[0]
+    assert "Create that directory" in warnings[0]
+
+
+IMPORTED_TOO_EARLY = r"""
+import logging, os, sys
+logging.basicConfig(level=logging.INFO)
+import prometheus_client  # before the variable is set: values stay in this process
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1] if len(sys.argv) > 1 else os.environ["LATE_DIR"]
+import django
+django.setup()
+from serverhooks import metrics
+assert metrics.enable_if_configured(worker=True) is False and metrics.meter is None
+print("ok")
+"""
+
+
+def test_prometheus_client_imported_before_the_variable_is_one_warning(tmp_path: Path) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    out = run_script(IMPORTED_TOO_EARLY, tmp_path, LATE_DIR=str(directory))
+    assert out.stderr.count("WARNING") == 1 and "imported before PROMETHEUS_MULTIPROC_DIR" in out.stderr, out.stderr
+
+
+def test_every_counter_has_a_metric() -> None:
+    from serverhooks.metrics import _meter
+
+    fields = {field.name for field in dataclasses.fields(Counters)} - {"pid"}
+    assert set(_meter.HELP) | _meter.LABELLED == fields
+    assert not set(_meter.HELP) & _meter.LABELLED
+
+
+def test_gunicorn_exports_child_exit_and_chain_keeps_both() -> None:
+    import serverhooks.gunicorn as adapter
+
+    assert "child_exit" in adapter.__all__
+    called: list[int] = []
+
+    @adapter.chain
+    def child_exit(server: object, worker: object) -> None:
+        called.append(1)
+
+    child_exit(None, type("W", (), {"pid": 999999999})())
+    assert called == [1]
+
+
+def test_readme_urls_snippet_serves_the_view(tmp_path: Path) -> None:
+    import re
+    import textwrap
+
+    readme = (procs.REPO / "README.md").read_text()
+    (snippet,) = [body for body in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "metrics_view" in body]
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    script = (
+        "import django\ndjango.setup()\n" + textwrap.dedent(snippet) + "from django.test import RequestFactory\n"
+        "from serverhooks import _adapter\n"
+        "_adapter.worker_ready(first_worker_of_server=False)\n"
+        "view = [p for p in urlpatterns if p.resolve('metrics')][0].resolve('metrics').func\n"
+        "response = view(RequestFactory().get('/metrics'))\n"
+        "assert response.status_code == 200, response.content\n"
+        "assert b'serverhooks_processes 1.0' in response.content, response.content\n"
+        "print('ok')\n"
+    )
+    run_script(script, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
+
+
+VIEW_WITHOUT_PROMETHEUS = r"""
+import sys
+sys.modules["prometheus_client"] = None  # not installed
+import django
+django.setup()
+from django.test import RequestFactory
+from serverhooks.metrics.django import metrics_view
+response = metrics_view(RequestFactory().get("/metrics"))
+assert response.status_code == 503 and b"serverhooks[prometheus]" in response.content, response.content
+print("ok")
+"""
+
+
+def test_view_without_prometheus_client_says_what_to_install(tmp_path: Path) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    run_script(VIEW_WITHOUT_PROMETHEUS, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
