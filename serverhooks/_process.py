@@ -51,6 +51,17 @@ class Counters:
     #: Close attempts that failed and were logged instead of raised.
     errors: int = 0
 
+    def __post_init__(self) -> None:
+        # Not a field: stats() stays a flat dict of totals. The metrics' alias labels read it.
+        #: What add() counted, by (counter, database alias).
+        self.by_alias: dict[tuple[str, str], float] = {}
+
+    def add(self, name: str, alias: str, amount: float = 1) -> None:
+        """Count `amount` more of the counter `name` for the database `alias`."""
+        setattr(self, name, getattr(self, name) + amount)
+        key = (name, alias)
+        self.by_alias[key] = self.by_alias.get(key, 0) + amount
+
 
 @dataclasses.dataclass
 class ProcessState:

@@ -49,7 +49,7 @@ def _run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> 
 def _close_interrupted(db: Any, exc: BaseException) -> None:
     if db.connection is None:
         return
-    counters().closed_interrupted += 1
+    counters().add("closed_interrupted", db.alias)
     logger.debug(
         "serverhooks: closing %r: a query was interrupted by %s, its reply may still be on the way",
         db.alias,

@@ -53,7 +53,7 @@ def close_before_fork() -> None:
             continue
         try:
             wrapper.close()
-            counters.closed_before_fork += 1
+            counters.add("closed_before_fork", wrapper.alias)
         except Exception as exc:
             counters.errors += 1
             logger.warning(
@@ -65,7 +65,7 @@ def close_before_fork() -> None:
     for key, pool in list(pools.items()):
         try:
             pool.close()
-            counters.closed_before_fork += 1
+            counters.add("closed_before_fork", str(key))
         except Exception as exc:
             counters.errors += 1
             logger.warning("serverhooks: closing the pool of %r before fork failed: %s", key, describe_error(exc))
@@ -156,6 +156,7 @@ def abandon_inherited() -> int:
         try:
             sockets.neutralise(raw)
             abandoned += 1
+            current.counters.add("abandoned_after_fork", wrapper.alias)
         except Exception as exc:
             current.counters.errors += 1
             logger.warning(
@@ -164,7 +165,6 @@ def abandon_inherited() -> int:
                 describe_error(exc),
             )
         _forget_connection(wrapper)
-    current.counters.abandoned_after_fork += abandoned
     steps: tuple[Callable[[ProcessState], None], ...] = (_abandon_postgres_pools, _forget_caches, _forget_pooled)
     complete = True
     for step in steps:
@@ -207,8 +207,8 @@ def _abandon_postgres_pools(current: ProcessState) -> None:
         # never touch or finalise it here; Django builds a fresh one on demand.
         sockets.keep_forever(pool)
         pools.pop(key, None)
-        current.counters.pools_abandoned_after_fork += 1
-        current.counters.abandoned_after_fork += len(idle)
+        current.counters.add("pools_abandoned_after_fork", str(key))
+        current.counters.add("abandoned_after_fork", str(key), len(idle))
 
 
 def _forget_caches(current: ProcessState) -> None:

@@ -151,7 +151,7 @@ def close_if_ended(wrapper: Any) -> bool:
     raw = wrapper.connection
     if raw is None or wrapper.in_atomic_block or not session_ended(raw, wrapper):
         return False
-    counters().closed_unhealthy += 1
+    counters().add("closed_unhealthy", wrapper.alias)
     logger.debug("serverhooks: the server ended an idle %r session; reconnecting on first use", wrapper.alias)
     try:
         wrapper.close()

@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Any
 
-from serverhooks import _django, _internals, conf, metrics
+from serverhooks import _django, _internals, conf
 from serverhooks._log import describe_error, logger, remember_secret
 from serverhooks._process import once, state
 
@@ -32,9 +32,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
         tracked.pop(key, None)
 
     tracked[key] = weakref.ref(connection, forget)
-    state().counters.sessions_opened += 1
-    if metrics.meter is not None:
-        metrics.meter.session_opened(connection.alias)
+    state().counters.add("sessions_opened", connection.alias)
     remember_secret(connection.settings_dict.get("PASSWORD"))
     # Both import django.db.utils: only once django.db is loaded, as it is here.
     from serverhooks import cursorguard, health

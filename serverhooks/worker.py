@@ -66,7 +66,7 @@ def close_at_exit() -> None:
         for wrapper in wrappers:
             described = _django.describe_alias(wrapper.alias, wrapper.settings_dict)
             if id(wrapper) in busy:
-                counters.busy_at_exit += 1
+                counters.add("busy_at_exit", wrapper.alias)
                 logger.warning(
                     "serverhooks: at exit, another thread is still inside a query on %s after %s s; "
                     "leaving that connection to the operating system.",
@@ -76,7 +76,7 @@ def close_at_exit() -> None:
                 continue
             try:
                 if registry.close_wrapper(wrapper):
-                    counters.closed_at_exit += 1
+                    counters.add("closed_at_exit", wrapper.alias)
             except Exception as exc:
                 counters.errors += 1
                 logger.warning("serverhooks: closing database %s at exit failed: %s", described, describe_error(exc))

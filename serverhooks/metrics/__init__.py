@@ -16,6 +16,7 @@ call                               where                       effect
 enable_if_configured(worker=...)   a master before forking,    create the metrics, mirror this
                                    each worker once ready      process's counters; a worker
                                                                also sweeps dead pids' live gauges
+                                                               and merges their counter files
 mark_process_dead(pid)             Gunicorn's master           remove a dead worker's live gauges
 at_exit()                          an exiting process          remove its own live gauges
 =================================  ==========================  ================================
@@ -103,10 +104,12 @@ def enable_if_configured(*, worker: bool) -> bool:
         meter.attach(worker=worker)
         if worker:
             # uWSGI's master runs no Python when a worker dies, and a harakiri'd or killed worker
-            # cannot clean up after itself: each new worker removes what the dead left behind.
+            # cannot clean up after itself: each new worker removes what the dead left behind,
+            # and merges their counter files once enough wait (a bounded scrape time).
             from serverhooks.metrics import files
 
             files.sweep_dead(path)
+            files.compact_dead(path)
     except Exception as exc:
         meter = None
         say_once(

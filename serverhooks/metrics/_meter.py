@@ -3,8 +3,8 @@
 Every value lives in prometheus_client's per-process mmap'd files, so an update is a store
 into memory (a lock and a getpid(), no I/O), and a forked child starts from its own files.
 
-- Each field of serverhooks.counters.Counters is a counter `serverhooks_<field>_total`, a sum
-  over the process's database aliases; `sessions_opened` is labelled by alias.
+- Each field of serverhooks.counters.Counters is a counter `serverhooks_<field>_total`, labelled
+  by database alias (alias="" where no single database applies: `errors`, caches closed).
 - Each pool (gevent, ASGI) reports live gauges by alias: `serverhooks_pool_size`, `_in_use`,
   `_idle`, `_waiting`, all in "livesum" mode (the sum over running processes, so a dead
   worker stops counting once its files go), and the histogram
@@ -48,9 +48,8 @@ HELP: dict[str, str] = {
     "closed_unhealthy": "Idle sessions the server had ended, closed before a request used them.",
     "busy_at_exit": "Connections left open at exit because another thread was inside a query.",
     "errors": "Close attempts (and hooks) that failed and were logged instead of raised.",
+    "sessions_opened": "Database sessions opened (Django's connection_created), pooled or not.",
 }
-#: Counted with the alias as a label (its increments know it), not mirrored from Counters.
-LABELLED = {"sessions_opened"}
 SAMPLE_SECONDS = 1.0
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -58,17 +57,33 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 class MeteredCounters(Counters):
     """Counters whose increments also reach their Prometheus counters.
 
-    serverhooks' code keeps writing `counters.x += 1`; only this class knows about metrics."""
+    serverhooks' code keeps writing `counters.add(name, alias)` (or `counters.x += 1` where no
+    alias applies); only this class knows about metrics."""
 
     mirror: ClassVar[dict[str, Any]] = {}
+    #: The labelled child of each (counter, alias), resolved once: an increment is one dict lookup more.
+    children: ClassVar[dict[tuple[str, str], Any]] = {}
+
+    @classmethod
+    def child(cls, name: str, alias: str) -> Any:
+        found = cls.children.get((name, alias))
+        if found is None:
+            found = cls.children[(name, alias)] = cls.mirror[name].labels(alias)
+        return found
 
     def __setattr__(self, name: str, value: Any) -> None:
-        counter = self.mirror.get(name)
-        if counter is not None:
+        if name in self.mirror:
             delta = value - self.__dict__.get(name, value)
             if delta > 0:  # counters only go up; a reset (never done) would be ignored
-                counter.inc(delta)
+                self.child(name, "").inc(delta)
         object.__setattr__(self, name, value)
+
+    def add(self, name: str, alias: str, amount: float = 1) -> None:
+        object.__setattr__(self, name, getattr(self, name) + amount)
+        key = (name, alias)
+        self.by_alias[key] = self.by_alias.get(key, 0) + amount
+        if amount > 0 and name in self.mirror:
+            self.child(name, alias).inc(amount)
 
 
 @dataclasses.dataclass
@@ -87,14 +102,10 @@ class Meter:
 
     def __init__(self) -> None:
         self.counters = {
-            name: Counter(f"serverhooks_{name}", HELP[name], registry=None)
+            name: Counter(f"serverhooks_{name}", HELP[name], ["alias"], registry=None)
             for name in (field.name for field in dataclasses.fields(Counters))
             if name in HELP
         }
-        self.sessions_opened = Counter(
-            "serverhooks_sessions_opened", "Database sessions opened (Django's connection_created).", ["alias"],
-            registry=None,
-        )  # fmt: skip
         self.processes = Gauge(
             "serverhooks_processes", "Running processes (workers) that serverhooks prepared.",
             multiprocess_mode="livesum", registry=None,
@@ -108,12 +119,12 @@ class Meter:
             buckets=WAIT_BUCKETS, registry=None,
         )  # fmt: skip
         self._aliases: dict[str, _AliasMeters] = {}
-        self._sessions: dict[str, Any] = {}
         self._attached_pid: int | None = None
         self._pools: weakref.WeakSet[Any] = weakref.WeakSet()  # this worker's pools, sampled
         self._written: dict[str, tuple[int, int]] = {}  # (in_use, idle) last written, per alias
         self._sampler_pid: int | None = None
         MeteredCounters.mirror = self.counters
+        MeteredCounters.children = {}
 
     @staticmethod
     def _pool_gauge(name: str, documentation: str) -> Gauge:
@@ -140,20 +151,18 @@ class Meter:
         worker report its pools and itself. Idempotent per process."""
         current = state()
         if not isinstance(current.counters, MeteredCounters):
-            metered = MeteredCounters(**dataclasses.asdict(current.counters))
-            current.counters = metered
-            for name, counter in self.counters.items():
-                if getattr(metered, name) > 0:
-                    counter.inc(getattr(metered, name))
+            current.counters = _metered_copy(current.counters)
         if self._attached_pid == os.getpid() or not worker:
             return
         self._attached_pid = os.getpid()
         self._written = {}  # a forked child's values start at zero
         self._pools = weakref.WeakSet()  # a parent's pools are not this worker's
         self.processes.set(1)
-        # Label values created now, not on the request path (a new key may grow the file).
+        # Label values created now, not on the request path (a new key may grow the file), and
+        # every counter of every alias shows from the start (0, rather than an absent series).
         for alias in _configured_aliases():
-            self._session_counter(alias)
+            for name in self.counters:
+                MeteredCounters.child(name, alias)
         from serverhooks.pool import active
 
         for pool in active.pools():
@@ -194,12 +203,6 @@ class Meter:
                 meters.idle.set(value[1])
                 self._written[alias] = value
 
-    def _session_counter(self, alias: str) -> Any:
-        counter = self._sessions.get(alias)
-        if counter is None:
-            counter = self._sessions[alias] = self.sessions_opened.labels(alias)
-        return counter
-
     def _alias(self, alias: str) -> _AliasMeters:
         meters = self._aliases.get(alias)
         if meters is None:
@@ -214,9 +217,6 @@ class Meter:
 
     # ------------------------------------------------------------------ events
 
-    def session_opened(self, alias: str) -> None:
-        self._session_counter(alias).inc()
-
     def pool_created(self, pool: Any) -> None:
         self._alias(pool.alias).size.set(pool.size)
         self._pools.add(pool)
@@ -230,6 +230,19 @@ class Meter:
         meters = self._alias(pool.alias)
         meters.waiting.dec()
         meters.waits.observe(seconds)
+
+
+def _metered_copy(plain: Counters) -> MeteredCounters:
+    """`plain`'s counts, now metered: what it counted already reaches the metrics once, by alias."""
+    metered = MeteredCounters(**dataclasses.asdict(plain))
+    object.__setattr__(metered, "by_alias", dict(plain.by_alias))
+    for name in MeteredCounters.mirror:
+        by_alias = {alias: value for (counted, alias), value in plain.by_alias.items() if counted == name}
+        unlabelled = {"": getattr(plain, name) - sum(by_alias.values())}
+        for alias, value in {**by_alias, **unlabelled}.items():
+            if value > 0:
+                MeteredCounters.child(name, alias).inc(value)
+    return metered
 
 
 def _configured_aliases() -> list[str]:

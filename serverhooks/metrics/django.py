@@ -5,7 +5,8 @@
     urlpatterns += [path("metrics", metrics_view)]
 
 It merges every process's multiprocess files (prometheus_client's MultiProcessCollector), so it
-shows serverhooks' metrics and any other the project writes in multiprocess mode. A project
+shows serverhooks' metrics and any other the project writes in multiprocess mode, and it never
+reads while a worker merges dead workers' files (serverhooks.metrics.files). A project
 that already has such an endpoint (django-prometheus, or its own view) needs none of this:
 serverhooks' metrics are in the same files, hence already on that endpoint.
 
@@ -41,6 +42,12 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
             content_type="text/plain; charset=utf-8",
         )
 
+    from serverhooks.metrics import files
+
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
-    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    # A worker merging dead workers' files holds this lock for a few milliseconds: reading
+    # meanwhile could count those files twice (or fail on one that just went).
+    with files.compaction_lock(path, exclusive=False, wait_seconds=2.0):
+        body = generate_latest(registry)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

@@ -1,21 +1,35 @@
-"""prometheus_client's multiprocess directory: removing the live gauges of processes that are gone.
+"""prometheus_client's multiprocess directory: what processes that are gone leave behind.
 
 prometheus_client keeps one file per metric type and pid. The files of a "live" gauge mode
 (`gauge_live<mode>_<pid>.db`) describe a running process only, and
-`multiprocess.mark_process_dead(pid)` deletes them when that process is gone; every other
-file (counters, histograms, non-live gauges) must stay, or totals would go backwards. This
-module deletes nothing else, and never empties the directory: that is the user's job at
-each server start.
+`multiprocess.mark_process_dead(pid)` deletes them when that process is gone. A dead pid's
+counter, histogram and summary files must keep counting, or totals would go backwards: they
+are merged into one archive file per type (the totals stay exact), which keeps the number of
+files, hence the scrape time, bounded however many workers were recycled. Nothing else is
+touched, and the directory is never emptied: that is the user's job at each server start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import time
+from collections.abc import Iterator
 
 from serverhooks._log import describe_error, logger
 
-__all__ = ["live_gauge_pids", "mark_dead", "pid_alive", "sweep_dead"]
+__all__ = [
+    "archive_name",
+    "compact_dead",
+    "compaction_lock",
+    "dead_summed_files",
+    "live_gauge_pids",
+    "mark_dead",
+    "pid_alive",
+    "sweep_dead",
+]
 
 # prometheus_client's names for live gauges' files: gauge_liveall_123.db, gauge_livesum_123.db, ...
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
@@ -61,3 +75,141 @@ def sweep_dead(path: str) -> list[int]:
     if swept:
         logger.debug("serverhooks: removed the live gauges of %d dead processes", len(swept))
     return swept
+
+
+# ---------------------------------------------------------------------------- compaction
+#
+# prometheus_client keeps each dead process's counter and histogram files for good (dropping
+# them would make totals go backwards), and every scrape reads every file: the scrape time grows
+# with the number of worker lives since the directory was emptied. Those types are summed over
+# processes by MultiProcessCollector, so the dead pids' files can be summed into one archive
+# file per type (prometheus_client's own `merge(..., accumulate=False)` is documented for
+# writing merged values back into files): the totals stay exact and the file count stays bounded.
+
+#: Metric types MultiProcessCollector sums over processes (the pid never is a label of theirs).
+SUMMED_TYPES = ("counter", "histogram", "summary")
+#: Dead processes' files that wait before they are merged: a scrape reads at most this many extra.
+COMPACT_AT = 32
+#: Held shared by serverhooks' /metrics view while it reads, exclusively while files are merged.
+LOCK_NAME = "serverhooks-compact.lock"
+_SUMMED_FILE = re.compile(r"^(counter|histogram|summary)_(\d+)\.db$")
+
+
+def archive_name(metric_type: str) -> str:
+    """The archive of `metric_type`: a name prometheus_client reads like any other file of that type."""
+    return f"{metric_type}_archive.db"
+
+
+def dead_summed_files(path: str) -> dict[str, list[str]]:
+    """The counter, histogram and summary files of pids that no longer run, by type."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return {}
+    found: dict[str, list[str]] = {}
+    for name in names:
+        match = _SUMMED_FILE.match(name)
+        if match and not pid_alive(int(match.group(2))):
+            found.setdefault(match.group(1), []).append(os.path.join(path, name))
+    return found
+
+
+@contextlib.contextmanager
+def compaction_lock(path: str, *, exclusive: bool, wait_seconds: float) -> Iterator[bool]:
+    """flock on the directory's lock file; yields whether it is held. Waits at most `wait_seconds`
+    (in short sleeps, so a gevent worker's other greenlets run meanwhile); never raises."""
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only directory: nobody can be merging files in it
+        yield False
+        return
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait_seconds
+        held = False
+        for _ in range(1000):  # bounded: ~wait_seconds / 5 ms rounds
+            try:
+                fcntl.flock(fd, mode)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+        yield held
+    finally:
+        os.close(fd)  # releases the lock too
+
+
+def _summed_values(paths: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Each key's value summed over `paths`; and the paths read (a vanished or unreadable file is skipped)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    totals: dict[str, float] = {}
+    read: list[str] = []
+    for file_path in paths:
+        try:
+            entries = list(MmapedDict.read_all_values_from_file(file_path))  # type: ignore[no-untyped-call]
+        except FileNotFoundError:
+            continue
+        except (OSError, RuntimeError) as exc:  # corrupted: left in place, where a scrape reads it as before
+            logger.warning("serverhooks: metrics file %s is unreadable, not merged: %s", file_path, describe_error(exc))
+            continue
+        for key, value, _timestamp, _position in entries:
+            totals[key] = totals.get(key, 0.0) + value
+        read.append(file_path)
+    return totals, read
+
+
+def _merge_into_archive(path: str, metric_type: str, dead: list[str]) -> int:
+    """Sum the archive and the `dead` files into a new archive, swap it in, remove the dead files."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    archive = os.path.join(path, archive_name(metric_type))
+    totals, read = _summed_values([archive, *dead])
+    merged = [file_path for file_path in read if file_path != archive]
+    if not merged:
+        return 0
+    # Written under a name a scrape does not read (not *.db), then renamed over the archive.
+    scratch = f"{archive}.{os.getpid()}.tmp"
+    try:
+        values = MmapedDict(scratch)  # type: ignore[no-untyped-call]
+        try:
+            for key, value in totals.items():
+                values.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+        finally:
+            values.close()  # type: ignore[no-untyped-call]
+        os.replace(scratch, archive)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
+    for file_path in merged:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(file_path)
+    return len(merged)
+
+
+def compact_dead(path: str, *, at_least: int = COMPACT_AT) -> int:
+    """Merge dead pids' counter, histogram and summary files into one archive per type, once at
+    least `at_least` wait; the number of files merged. Never waits for the lock (another process
+    is merging, or a scrape reads: the next new worker does it) and never raises.
+
+    The directory must belong to one process tree, as prometheus_client requires: a pid that is
+    not alive here must be gone for good (a writer in another pid namespace would lose counts)."""
+    waiting = dead_summed_files(path)
+    if sum(len(found) for found in waiting.values()) < at_least:
+        return 0
+    merged = 0
+    try:
+        with compaction_lock(path, exclusive=True, wait_seconds=0) as held:
+            if not held:
+                return 0
+            for metric_type, dead in dead_summed_files(path).items():  # again: a peer may have merged them
+                merged += _merge_into_archive(path, metric_type, dead)
+    except Exception as exc:
+        logger.warning("serverhooks: merging dead workers' metrics files failed: %s", describe_error(exc))
+        return merged
+    if merged:
+        logger.debug("serverhooks: merged %d metrics files of dead processes", merged)
+    return merged

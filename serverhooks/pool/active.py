@@ -45,7 +45,7 @@ def _pooled_handler_class(base: Any) -> type:
 
 def _count_opened(sender: Any, connection: Any, **kwargs: Any) -> None:
     if getattr(connection, "_serverhooks_pool", None) is not None:
-        state().counters.pool_opened += 1
+        state().counters.add("pool_opened", connection.alias)
 
 
 def release_current() -> int:

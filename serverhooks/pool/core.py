@@ -92,7 +92,7 @@ class Pool:
         if not self._slots.acquire(blocking=False):
             self._reclaim_from_dead_units()
             started = time.monotonic()
-            counters.pool_waits += 1
+            counters.add("pool_waits", self.alias)
             meter = metrics.meter
             if meter is not None:
                 meter.waiting(self)
@@ -100,7 +100,7 @@ class Pool:
                 acquired = self._slots.acquire(timeout=self.timeout)
             finally:  # also when the wait is cut short (GreenletExit): the gauge must come down
                 waited = time.monotonic() - started
-                counters.pool_wait_seconds += waited
+                counters.add("pool_wait_seconds", self.alias, waited)
                 if meter is not None:
                     meter.waited(self, waited)
             if not acquired:
@@ -142,7 +142,7 @@ class Pool:
             _adopt(wrapper)
             self._drop_dead_session(wrapper)
             if wrapper.connection is not None:
-                state().counters.pool_reused += 1
+                state().counters.add("pool_reused", self.alias)
             return wrapper
         from django.db import connections
 
@@ -164,8 +164,9 @@ class Pool:
         expired = wrapper.close_at is not None and time.monotonic() >= wrapper.close_at
         ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection, wrapper)
         if expired or ended:
-            state().counters.pool_discarded += 1
-            state().counters.closed_unhealthy += bool(ended)
+            state().counters.add("pool_discarded", self.alias)
+            if ended:
+                state().counters.add("closed_unhealthy", self.alias)
             _close_quietly(wrapper)
         if hasattr(wrapper, "ensure_timezone") and wrapper.connection is not None:
             wrapper.ensure_timezone()  # PostgreSQL: a request may have run SET TIME ZONE
@@ -188,7 +189,7 @@ class Pool:
         if wrapper.in_atomic_block:
             # Only a unit that died inside atomic() gets here: Django's bookkeeping for that
             # block cannot be unwound, so the wrapper goes, and its session too.
-            state().counters.pool_discarded += 1
+            state().counters.add("pool_discarded", self.alias)
             _close_quietly(wrapper)
             return False
         if wrapper.connection is None:
@@ -205,7 +206,7 @@ class Pool:
                 wrapper.errors_occurred = False
         except Exception as exc:
             logger.debug("serverhooks: discarding a pooled %r connection: %s", self.alias, describe_error(exc))
-            state().counters.pool_discarded += 1
+            state().counters.add("pool_discarded", self.alias)
             _close_quietly(wrapper)
         wrapper.run_on_commit = []
         wrapper.health_check_done = False  # CONN_HEALTH_CHECKS: check again in the next request
@@ -257,7 +258,7 @@ class Pool:
         for wrapper in holding.wrappers:
             with self._lists:
                 self._reclaimed.append(wrapper)
-            state().counters.pool_reclaimed += 1
+            state().counters.add("pool_reclaimed", self.alias)
             self._slots.release()
 
     def close_idle(self) -> None:

@@ -88,8 +88,11 @@ def _start(
     return server
 
 
-def _value(samples: Samples, name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
-    return samples.get((name, labels), 0.0)
+def _value(samples: Samples, name: str, labels: tuple[tuple[str, str], ...] | None = None) -> float:
+    """One sample's value; with no labels given, the sum over every label set (every alias)."""
+    if labels is not None:
+        return samples.get((name, labels), 0.0)
+    return sum(value for (found, _labels), value in samples.items() if found == name)
 
 
 @pytest.mark.parametrize("kind", SERVERS)

@@ -95,6 +95,8 @@ def scrape():
             found[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))] = s.value
     return found
 
+from serverhooks._process import state
+state().counters.add("abandoned_after_fork", "default", 3)  # counted before metrics were on
 _adapter.worker_ready(first_worker_of_server=False)
 assert metrics.meter is not None
 connection.ensure_connection()
@@ -102,10 +104,13 @@ m = scrape()
 assert m[("serverhooks_sessions_opened_total", (("alias", "default"),))] == 1, m
 assert m[("serverhooks_processes", ())] == 1, m
 assert stats()["sessions_opened"] == 1
-# Counters mirror the plain counters, also for increments made before metrics were on.
-from serverhooks._process import state
+assert "by_alias" not in stats()
+# Counters mirror the plain counters, also for increments made before metrics were on, by alias;
+# every counter of every configured alias shows from the start; no alias applies to errors.
+assert m[("serverhooks_abandoned_after_fork_total", (("alias", "default"),))] == 3, m
+assert m[("serverhooks_closed_interrupted_total", (("alias", "default"),))] == 0, m
 state().counters.errors += 2
-assert scrape()[("serverhooks_errors_total", ())] == 2
+assert scrape()[("serverhooks_errors_total", (("alias", ""),))] == 2
 
 from serverhooks.metrics import _meter
 _meter.SAMPLE_SECONDS = 3600  # the worker's sampler stays asleep: flush() by hand
@@ -140,8 +145,9 @@ assert m[("serverhooks_pool_in_use", (("alias", "default"),))] == 0, m
 assert m[("serverhooks_pool_idle", (("alias", "default"),))] == 1, m
 assert m[("serverhooks_pool_checkout_wait_seconds_count", (("alias", "default"),))] == 1, m
 assert m[("serverhooks_pool_checkout_wait_seconds_sum", (("alias", "default"),))] >= 0.1, m
-assert m[("serverhooks_pool_waits_total", ())] == 1, m
-assert m[("serverhooks_pool_opened_total", ())] == 0  # no pool activated: pool_opened counts active pools only
+assert m[("serverhooks_pool_waits_total", (("alias", "default"),))] == 1, m
+# No pool activated: pool_opened counts active pools only.
+assert m[("serverhooks_pool_opened_total", (("alias", "default"),))] == 0
 
 # The process exits: its live gauges go, its counters stay.
 from serverhooks import worker
@@ -244,8 +250,7 @@ def test_every_counter_has_a_metric() -> None:
     from serverhooks.metrics import _meter
 
     fields = {field.name for field in dataclasses.fields(Counters)} - {"pid"}
-    assert set(_meter.HELP) | _meter.LABELLED == fields
-    assert not set(_meter.HELP) & _meter.LABELLED
+    assert set(_meter.HELP) == fields
 
 
 def test_gunicorn_exports_child_exit_and_chain_keeps_both() -> None:
@@ -300,3 +305,77 @@ def test_view_without_prometheus_client_says_what_to_install(tmp_path: Path) -> 
     directory = tmp_path / "prom"
     directory.mkdir()
     run_script(VIEW_WITHOUT_PROMETHEUS, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
+
+
+COMPACTION = r"""
+import os, signal, sys, time
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from serverhooks.metrics import files
+
+path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+requests = Counter("app_requests", "Requests.", ["alias"])
+waits = Histogram("app_wait_seconds", "Waits.", ["alias"], buckets=(0.1, 1.0))
+
+
+def lives(count, first):
+    # Each child counts, then dies: what max_requests recycling leaves behind.
+    for n in range(first, first + count):
+        pid = os.fork()
+        if pid == 0:
+            requests.labels("default").inc(n)
+            requests.labels("replica").inc()
+            waits.labels("default").observe(n % 3 * 0.3)
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def scrape():
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path)
+    return generate_latest(registry).decode()
+
+
+def db_files():
+    return sorted(name for name in os.listdir(path) if name.endswith(".db"))
+
+
+read, write = os.pipe()
+live = os.fork()
+if live == 0:  # a worker still running: its files must stay its own
+    requests.labels("default").inc(1000)
+    os.write(write, b"x")
+    time.sleep(60)
+    os._exit(0)
+os.read(read, 1)
+try:
+    lives(40, 1)
+    before = scrape()
+    assert len(db_files()) == 81, db_files()  # 40 dead pids x (counter + histogram) + the live counter
+    assert files.compact_dead(path, at_least=81) == 0  # below the threshold: nothing done
+    with files.compaction_lock(path, exclusive=False, wait_seconds=0) as held:  # a scrape reading
+        assert held
+        assert files.compact_dead(path) == 0
+    assert files.compact_dead(path) == 80
+    assert scrape() == before, (before, scrape())
+    assert db_files() == sorted(["counter_archive.db", "histogram_archive.db", f"counter_{live}.db"]), db_files()
+    lives(40, 41)  # more recycling: the archive absorbs the next dead pids, totals still exact
+    files.compact_dead(path)
+    after = scrape()
+    assert 'app_requests_total{alias="default"} 4240.0' in after, after  # 1000 live + 1..80
+    assert 'app_requests_total{alias="replica"} 80.0' in after, after
+    assert 'app_wait_seconds_count{alias="default"} 80.0' in after, after
+    assert len(db_files()) == 3, db_files()
+finally:
+    os.kill(live, signal.SIGKILL)
+    os.waitpid(live, 0)
+print("ok")
+"""
+
+
+def test_dead_workers_counter_files_merge_into_an_archive_totals_exact(tmp_path: Path) -> None:
+    """1,000 recycles left 1,009 files and a 67 ms scrape (bench/METRICS_RESULTS.md): the dead
+    pids' counter and histogram files are summed into one archive per type, and a scrape shows
+    exactly what it showed before. The control is the first count: every life leaves its files."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    run_script(COMPACTION, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
