@@ -319,10 +319,14 @@ def yes(flag: bool) -> str:
 
 
 def verdict(met: bool, interval: tuple[float, float], threshold: float) -> str:
-    """Met or not on the point estimate, and whether the noise lets that be told apart."""
+    """Met or not, where the 95% interval tells; where it straddles the threshold, the noise is
+    larger than the margin and the point estimate alone decides nothing."""
     lo, hi = interval
     if lo < threshold < hi:
-        return f"{yes(met)} (but the 95% CI straddles {threshold:g}: the noise is larger than the margin)"
+        return (
+            f"**not resolved** (the point estimate says {'yes' if met else 'no'}, but the 95% CI straddles "
+            f"{threshold:g}: the noise is larger than the margin)"
+        )
     return yes(met)
 
 

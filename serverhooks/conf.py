@@ -37,14 +37,21 @@ def _parse_bool(raw: object) -> bool:
     raise ConfigurationError(f"expected a boolean (1/0, true/false, yes/no), got {raw!r}")
 
 
-def _parse_positive_int(raw: object) -> int:
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ConfigurationError(f"expected a whole number of at least 1, got {raw!r}") from None
-    if value < 1:
-        raise ConfigurationError(f"expected a whole number of at least 1, got {raw!r}")
-    return value
+def _whole_number_parser(minimum: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ConfigurationError(f"expected a whole number of at least {minimum}, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigurationError(f"expected a whole number of at least {minimum}, got {raw!r}")
+        return value
+
+    return parse
+
+
+_parse_positive_int = _whole_number_parser(1)
+_parse_count = _whole_number_parser(0)
 
 
 def _parse_seconds(raw: object) -> float:
@@ -154,6 +161,14 @@ SETTINGS: tuple[Setting, ...] = (
         "With prometheus_client installed and `PROMETHEUS_MULTIPROC_DIR` set, export serverhooks' counters "
         "and pool gauges as Prometheus metrics (multiprocess mode; README, Metrics). Off, or without either: "
         "prometheus_client is not even imported.",
+    ),
+    Setting(
+        "METRICS_MERGE_AT",
+        32,
+        _parse_count,
+        "A new worker merges the counter and histogram files that dead workers left in "
+        "`PROMETHEUS_MULTIPROC_DIR` into one archive file per type once this many wait, which keeps "
+        "the scrape time bounded (totals stay exact). 0: never merge.",
     ),
     Setting(
         "STATS_LOG_LEVEL",

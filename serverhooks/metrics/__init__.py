@@ -109,7 +109,8 @@ def enable_if_configured(*, worker: bool) -> bool:
             from serverhooks.metrics import files
 
             files.sweep_dead(path)
-            files.compact_dead(path)
+            if conf.get("METRICS_MERGE_AT") > 0:
+                files.compact_dead(path, at_least=conf.get("METRICS_MERGE_AT"))
     except Exception as exc:
         meter = None
         say_once(

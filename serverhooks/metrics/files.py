@@ -88,7 +88,7 @@ def sweep_dead(path: str) -> list[int]:
 
 #: Metric types MultiProcessCollector sums over processes (the pid never is a label of theirs).
 SUMMED_TYPES = ("counter", "histogram", "summary")
-#: Dead processes' files that wait before they are merged: a scrape reads at most this many extra.
+#: Dead processes' files that wait before they are merged (SERVERHOOKS['METRICS_MERGE_AT']).
 COMPACT_AT = 32
 #: Held shared by serverhooks' /metrics view while it reads, exclusively while files are merged.
 LOCK_NAME = "serverhooks-compact.lock"

@@ -33,6 +33,7 @@ FAMILIES = ["mysql", "postgres"]
 SERVERS = ["sync", "gevent", "asgi", "uwsgi"]
 ASGI_APP = "tests.project.asgi:application"
 DEFAULT = (("alias", "default"),)
+MERGE_AT = 2  # dead workers' counter files merged once this many wait (32 by default)
 CONTROL_CONF = """
 # The control arm: the shipped file, then no cleanup of dead workers' live gauges.
 import tests.support.metrics_control  # noqa: E402,F401
@@ -208,12 +209,14 @@ def test_recycled_workers_live_gauges_disappear(
     tmp_path: Path,
 ) -> None:
     """GUNICORN_MAX_REQUESTS (UWSGI_MAX_REQUESTS) recycles the workers, each leaving as it should
-    (worker_exit, uwsgi.atexit): their counters stay, their live gauges go."""
+    (worker_exit, uwsgi.atexit): their live gauges go, and their counter files are merged into an
+    archive by the next workers (METRICS_MERGE_AT, lowered to see it here), counts intact."""
     name = fresh_database(family)
     metrics_dir = tmp_path / "prom"
-    recycle = {"GUNICORN_MAX_REQUESTS": 25, "GUNICORN_MAX_REQUESTS_JITTER": 0}
+    recycle: dict[str, Any] = {"GUNICORN_MAX_REQUESTS": 25, "GUNICORN_MAX_REQUESTS_JITTER": 0}
     if kind == "uwsgi":
         recycle = {"UWSGI_MAX_REQUESTS": 25, "UWSGI_MAX_REQUESTS_DELTA": 1, "UWSGI_MIN_WORKER_LIFETIME": 0}
+    recycle["SERVERHOOKS_METRICS_MERGE_AT"] = MERGE_AT
     server = _start(
         kind, tmp_path, servers, dbserver.django_url(family, name), metrics_dir, control=arm == "control", **recycle
     )
@@ -225,6 +228,8 @@ def test_recycled_workers_live_gauges_disappear(
     workers = _settled(server, metrics_dir)
     # Read before the scrape, which is a request too, and may be a worker's last.
     dead_with_gauges = files.live_gauge_pids(str(metrics_dir)) - set(workers) - {server.pid}
+    dead_counter_files = files.dead_summed_files(str(metrics_dir)).get("counter", [])
+    archived = (metrics_dir / files.archive_name("counter")).exists()
     on_server = dbserver.wait_sessions_at_most(family, name, WORKERS)
     m = scrape(server)
     opened = _value(m, "serverhooks_sessions_opened_total", DEFAULT)
@@ -233,18 +238,22 @@ def test_recycled_workers_live_gauges_disappear(
         f"{family}/{kind}/{arm}: {len(served)} worker pids served, {len(run.sessions)} sessions seen, "
         f"scrape: sessions_opened={opened:g} closed_at_exit={at_exit:g} "
         f"processes={_value(m, 'serverhooks_processes'):g}"
-        f"; live-gauge files of dead pids: {len(dead_with_gauges)}; {len(os.listdir(metrics_dir))} files"
+        f"; live-gauge files of dead pids: {len(dead_with_gauges)}; dead pids' counter files: "
+        f"{len(dead_counter_files)}, archive: {archived}; {len(os.listdir(metrics_dir))} files"
     )
     assert len(served) >= 4, "the workers were recycled"
-    # Counters outlive their workers: every session any worker opened, and each one's goodbye.
+    # Counters outlive their workers, merged or not: every session any worker opened, and each
+    # one's goodbye.
     assert opened == len(run.sessions)
     assert opened - at_exit == len(on_server)
     if arm == "hooks":
         assert dead_with_gauges == set()
         assert _value(m, "serverhooks_processes") == WORKERS
-    else:  # without the cleanup, every recycled worker still counts as running
+        assert archived and len(dead_counter_files) <= MERGE_AT, dead_counter_files
+    else:  # without the cleanup, every recycled worker still counts as running, and left its file
         assert dead_with_gauges >= served - set(workers)
         assert _value(m, "serverhooks_processes") >= WORKERS + len(served - set(workers))
+        assert not archived and len(dead_counter_files) >= len(served - set(workers))
 
 
 @pytest.mark.parametrize("arm", ["hooks", "control"])
