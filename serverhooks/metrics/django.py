@@ -34,7 +34,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
             content_type="text/plain; charset=utf-8",
         )
     try:
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     except ImportError:
         return HttpResponse(
             "prometheus_client is not installed: pip install 'serverhooks[prometheus]'.\n",
@@ -43,9 +43,10 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         )
 
     from serverhooks.metrics import files
+    from serverhooks.metrics.collect import MultiProcessCollector
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+    MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
     # A worker merging dead workers' files holds this lock for a few milliseconds: reading
     # meanwhile could count those files twice (or fail on one that just went).
     with files.compaction_lock(path, exclusive=False, wait_seconds=2.0):

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
+import math
 import os
 import re
+import struct
 import time
 from collections.abc import Iterator
 
@@ -28,6 +31,8 @@ __all__ = [
     "live_gauge_pids",
     "mark_dead",
     "pid_alive",
+    "readable_files",
+    "remove_empty_of_dead",
     "sweep_dead",
 ]
 
@@ -68,13 +73,61 @@ def mark_dead(pid: int, path: str) -> None:
 
 
 def sweep_dead(path: str) -> list[int]:
-    """Remove the live gauges of every pid that no longer runs; the pids swept."""
+    """Remove the live gauges of every pid that no longer runs, and dead pids' empty files; the
+    pids whose live gauges went."""
     swept = sorted(pid for pid in live_gauge_pids(path) if not pid_alive(pid))
     for pid in swept:
         mark_dead(pid, path)
     if swept:
         logger.debug("serverhooks: removed the live gauges of %d dead processes", len(swept))
+    remove_empty_of_dead(path)
     return swept
+
+
+# prometheus_client creates a file, then sizes it: a process killed in between leaves a 0-byte
+# file that makes every later MultiProcessCollector scrape fail (prometheus/client_python#1199).
+_ANY_FILE = re.compile(r"^[a-z]+(?:_[a-z]+)?_(\d+)\.db$")
+
+
+def remove_empty_of_dead(path: str) -> list[str]:
+    """Remove the 0-byte metric files of pids that no longer run (they hold no value at all); the names."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    removed: list[str] = []
+    for name in names:
+        match = _ANY_FILE.match(name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        file_path = os.path.join(path, name)
+        try:
+            if os.stat(file_path).st_size == 0:
+                os.unlink(file_path)
+                removed.append(name)
+        except FileNotFoundError:
+            continue
+    if removed:
+        logger.info(
+            "serverhooks: removed %d empty metrics file(s) that processes killed while creating them left "
+            "behind (they would fail every scrape): %s",
+            len(removed),
+            ", ".join(sorted(removed)),
+        )
+    return removed
+
+
+def readable_files(path: str) -> list[str]:
+    """The directory's *.db files a scrape can read: not the 0-byte file of a process creating it
+    right now (prometheus_client sizes it a moment later)."""
+    found: list[str] = []
+    for file_path in glob.glob(os.path.join(path, "*.db")):
+        try:
+            if os.stat(file_path).st_size > 0:
+                found.append(file_path)
+        except FileNotFoundError:  # a live gauge removed meanwhile
+            continue
+    return found
 
 
 # ---------------------------------------------------------------------------- compaction
@@ -145,20 +198,36 @@ def _summed_values(paths: list[str]) -> tuple[dict[str, float], list[str]]:
     """Each key's value summed over `paths`; and the paths read (a vanished or unreadable file is skipped)."""
     from prometheus_client.mmap_dict import MmapedDict
 
-    totals: dict[str, float] = {}
+    parts: dict[str, list[float]] = {}
     read: list[str] = []
     for file_path in paths:
         try:
+            if os.stat(file_path).st_size == 0:  # nothing ever written: merged as empty
+                read.append(file_path)
+                continue
             entries = list(MmapedDict.read_all_values_from_file(file_path))  # type: ignore[no-untyped-call]
         except FileNotFoundError:
             continue
-        except (OSError, RuntimeError) as exc:  # corrupted: left in place, where a scrape reads it as before
+        except (OSError, RuntimeError, struct.error) as exc:  # corrupted: left in place, as it was
             logger.warning("serverhooks: metrics file %s is unreadable, not merged: %s", file_path, describe_error(exc))
             continue
         for key, value, _timestamp, _position in entries:
-            totals[key] = totals.get(key, 0.0) + value
+            parts.setdefault(key, []).append(value)
         read.append(file_path)
-    return totals, read
+    return {key: _never_below_a_scrape(values) for key, values in parts.items()}, read
+
+
+def _never_below_a_scrape(values: list[float]) -> float:
+    """The sum a merged file holds. Counts (whole numbers) add up exactly. Seconds do not: a scrape
+    adds files in its own order, and an archive a rounding below what it showed before would look
+    to Prometheus like a counter reset. So the correctly rounded sum, raised by twice the
+    rounding error any order of additions can make (a few units in the last place)."""
+    total = math.fsum(values)
+    if all(value.is_integer() for value in values):
+        return total
+    for _ in range(2 * len(values)):
+        total = math.nextafter(total, math.inf)
+    return total
 
 
 def _merge_into_archive(path: str, metric_type: str, dead: list[str]) -> int:

@@ -180,8 +180,8 @@ def test_sweep_removes_only_live_gauges_of_dead_pids(tmp_path: Path) -> None:
         f"histogram_{dead_pid}.db",
         "notes.txt",
     ]
-    for name in names:
-        (tmp_path / name).write_bytes(b"")
+    for name in names:  # a header that says "8 bytes used": a valid file with no value yet
+        (tmp_path / name).write_bytes((8).to_bytes(4, "little") + bytes(4))
     assert files.sweep_dead(str(tmp_path)) == [dead_pid]
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(names[2:]), left
@@ -335,6 +335,15 @@ def scrape():
     return generate_latest(registry).decode()
 
 
+def values(text):
+    found = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            found[key] = float(value)
+    return found
+
+
 def db_files():
     return sorted(name for name in os.listdir(path) if name.endswith(".db"))
 
@@ -349,14 +358,18 @@ if live == 0:  # a worker still running: its files must stay its own
 os.read(read, 1)
 try:
     lives(40, 1)
-    before = scrape()
+    before = values(scrape())
     assert len(db_files()) == 81, db_files()  # 40 dead pids x (counter + histogram) + the live counter
     assert files.compact_dead(path, at_least=81) == 0  # below the threshold: nothing done
     with files.compaction_lock(path, exclusive=False, wait_seconds=0) as held:  # a scrape reading
         assert held
         assert files.compact_dead(path) == 0
     assert files.compact_dead(path) == 80
-    assert scrape() == before, (before, scrape())
+    after = values(scrape())
+    assert after.keys() == before.keys()
+    for key, value in before.items():  # counts exact; seconds never below (a reset), a rounding above
+        assert value <= after[key] <= value * (1 + 1e-12), (key, value, after[key])
+        assert after[key] == value or "_sum{" in key, (key, value, after[key])
     assert db_files() == sorted(["counter_archive.db", "histogram_archive.db", f"counter_{live}.db"]), db_files()
     lives(40, 41)  # more recycling: the archive absorbs the next dead pids, totals still exact
     files.compact_dead(path)
@@ -379,3 +392,55 @@ def test_dead_workers_counter_files_merge_into_an_archive_totals_exact(tmp_path:
     directory = tmp_path / "prom"
     directory.mkdir()
     run_script(COMPACTION, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
+
+
+EMPTY_FILES = r"""
+import os, struct, subprocess, sys
+from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
+from serverhooks.metrics import files
+from serverhooks.metrics.collect import MultiProcessCollector
+
+path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+requests = Counter("app_requests", "Requests.")
+pid = os.fork()
+if pid == 0:
+    requests.inc(7)
+    os._exit(0)
+os.waitpid(pid, 0)
+dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout)
+# What prometheus_client leaves between creating a file and sizing it: a process being born
+# (this one) and one killed at that moment (dead).
+for name in (f"counter_{os.getpid()}.db", f"counter_{dead}.db", f"gauge_all_{dead}.db"):
+    open(os.path.join(path, name), "wb").close()
+
+def text(collector_class):
+    registry = CollectorRegistry()
+    collector_class(registry, path)
+    return generate_latest(registry).decode()
+
+try:  # the control: prometheus_client's own collector fails the whole scrape
+    text(multiprocess.MultiProcessCollector)
+    raise AssertionError("prometheus_client read a 0-byte file")
+except struct.error:
+    pass
+assert "app_requests_total 7.0" in text(MultiProcessCollector)
+files.sweep_dead(path)  # a new worker: the dead pid's empty files go, the living one's stays
+left = sorted(os.listdir(path))
+assert left == sorted([f"counter_{pid}.db", f"counter_{os.getpid()}.db"]), left
+os.unlink(os.path.join(path, f"counter_{os.getpid()}.db"))
+assert "app_requests_total 7.0" in text(multiprocess.MultiProcessCollector)
+open(os.path.join(path, f"counter_{dead}.db"), "wb").close()
+assert files.compact_dead(path, at_least=1) == 2  # an empty dead file merges as nothing
+assert "app_requests_total 7.0" in text(multiprocess.MultiProcessCollector)
+print("ok")
+"""
+
+
+def test_empty_files_never_fail_serverhooks_scrape_and_dead_ones_go(tmp_path: Path) -> None:
+    """prometheus/client_python#1199: a 0-byte file (created, not yet sized) fails every
+    MultiProcessCollector scrape; the control shows it. serverhooks' collector skips it, and a
+    new worker's sweep removes those of dead pids, so other endpoints recover too."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    run_script(EMPTY_FILES, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
