@@ -7,7 +7,7 @@ MultiProcessCollector endpoint (django-prometheus's, the user's own, or
 serverhooks.metrics.django.metrics_view) already merges: there is never a second endpoint.
 
 Everything here is free when metrics are off: this module imports neither prometheus_client
-nor Django, and the pool core only checks `meter is not None` when it creates a pool or a
+nor Django, and the pool core only checks `observer is not None` when it creates a pool or a
 checkout has to wait.
 
 =================================  ==========================  ================================
@@ -39,8 +39,8 @@ __all__ = ["at_exit", "directory", "enable_if_configured", "mark_process_dead", 
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
-#: This process's meter, or None while metrics are off. The pool core and the registry check
-#: this one attribute, so it stays None unless everything below succeeded.
+#: This process's meter, or None while metrics are off; also the pool core's observer (set
+#: here: the pools never import metrics). It stays None unless everything below succeeded.
 meter: Meter | None = None
 
 
@@ -102,6 +102,9 @@ def enable_if_configured(*, worker: bool) -> bool:
                 return False
             meter = created
         meter.attach(worker=worker)
+        from serverhooks.pool import core
+
+        core.observer = meter
         if worker:
             # uWSGI's master runs no Python when a worker dies, and a harakiri'd or killed worker
             # cannot clean up after itself: each new worker removes what the dead left behind,
@@ -113,6 +116,7 @@ def enable_if_configured(*, worker: bool) -> bool:
                 files.compact_dead(path, at_least=conf.get("METRICS_MERGE_AT"))
     except Exception as exc:
         meter = None
+        _stop_observing()
         say_once(
             "metrics-failed",
             logging.WARNING,
@@ -122,6 +126,12 @@ def enable_if_configured(*, worker: bool) -> bool:
         )
         return False
     return True
+
+
+def _stop_observing() -> None:
+    from serverhooks.pool import core  # imports neither Django nor prometheus_client
+
+    core.observer = None
 
 
 def mark_process_dead(pid: int) -> None:

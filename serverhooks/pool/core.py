@@ -24,11 +24,25 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serverhooks import _internals, conf, cursorguard, health, metrics
+from serverhooks import _internals, conf, cursorguard, health
 from serverhooks._log import describe_error, logger
 from serverhooks._process import state
 
 __all__ = ["Pool", "Slots", "Waiter"]
+
+
+class PoolObserver(Protocol):
+    """Who watches the pools: serverhooks.metrics' meter, while metrics are on."""
+
+    def pool_created(self, pool: Pool) -> None: ...
+
+    def waiting(self, pool: Pool) -> None: ...
+
+    def waited(self, pool: Pool, seconds: float) -> None: ...
+
+
+#: Set by serverhooks.metrics (the pools never import it: metrics sits above them); None: nobody.
+observer: PoolObserver | None = None
 
 
 class Slots(Protocol):
@@ -82,8 +96,8 @@ class Pool:
         self._holdings: dict[int, _Holding] = {}
         self._linked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_timeout_logged = float("-inf")
-        if metrics.meter is not None:  # its sampler reports occupancy(); requests write no metric
-            metrics.meter.pool_created(self)
+        if observer is not None:  # its sampler reports occupancy(); requests write no metric
+            observer.pool_created(self)
 
     # ----------------------------------------------------------------- checkout
 
@@ -93,16 +107,16 @@ class Pool:
             self._reclaim_from_dead_units()
             started = time.monotonic()
             counters.add("pool_waits", self.alias)
-            meter = metrics.meter
-            if meter is not None:
-                meter.waiting(self)
+            watching = observer
+            if watching is not None:
+                watching.waiting(self)
             try:
                 acquired = self._slots.acquire(timeout=self.timeout)
             finally:  # also when the wait is cut short (GreenletExit): the gauge must come down
                 waited = time.monotonic() - started
                 counters.add("pool_wait_seconds", self.alias, waited)
-                if meter is not None:
-                    meter.waited(self, waited)
+                if watching is not None:
+                    watching.waited(self, waited)
             if not acquired:
                 raise self._timed_out()
         try:
