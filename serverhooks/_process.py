@@ -58,7 +58,8 @@ class Counters:
 
     def add(self, name: str, alias: str, amount: float = 1) -> None:
         """Count `amount` more of the counter `name` for the database `alias`."""
-        setattr(self, name, getattr(self, name) + amount)
+        # Not setattr(): a metered subclass mirrors plain assignments as unlabelled increments.
+        object.__setattr__(self, name, getattr(self, name) + amount)
         key = (name, alias)
         self.by_alias[key] = self.by_alias.get(key, 0) + amount
 

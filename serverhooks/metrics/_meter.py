@@ -79,9 +79,7 @@ class MeteredCounters(Counters):
         object.__setattr__(self, name, value)
 
     def add(self, name: str, alias: str, amount: float = 1) -> None:
-        object.__setattr__(self, name, getattr(self, name) + amount)
-        key = (name, alias)
-        self.by_alias[key] = self.by_alias.get(key, 0) + amount
+        super().add(name, alias, amount)
         if amount > 0 and name in self.mirror:
             self.child(name, alias).inc(amount)
 
@@ -238,8 +236,9 @@ def _metered_copy(plain: Counters) -> MeteredCounters:
     object.__setattr__(metered, "by_alias", dict(plain.by_alias))
     for name in MeteredCounters.mirror:
         by_alias = {alias: value for (counted, alias), value in plain.by_alias.items() if counted == name}
-        unlabelled = {"": getattr(plain, name) - sum(by_alias.values())}
-        for alias, value in {**by_alias, **unlabelled}.items():
+        # What plain `+=` counted has no alias: it joins alias "" (which add() may have used too).
+        by_alias[""] = by_alias.get("", 0) + getattr(plain, name) - sum(by_alias.values())
+        for alias, value in by_alias.items():
             if value > 0:
                 MeteredCounters.child(name, alias).inc(value)
     return metered
