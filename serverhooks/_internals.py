@@ -26,11 +26,14 @@ __all__ = [
     "local_storage",
     "pool_idle_connections",
     "postgres_pools",
+    "pymysql_reply_pending",
     "pymysql_socket",
     "replace_connection_storage",
     "run_after_dirty_worker_cleanup",
     "set_thread_ident",
     "thread_ident",
+    "track_pymysql_replies",
+    "untrack_pymysql_replies",
     "use_psycopg_poll_wait",
 ]
 
@@ -171,3 +174,75 @@ def cache_client_pools(cache: Any) -> list[Any]:
 def pymysql_socket(raw: Any) -> Any:
     """A PyMySQL connection's socket (`_sock`), None once closed."""
     return getattr(raw, "_sock", None)
+
+
+_PYMYSQL_REPLIED = "_serverhooks_replied"
+_pymysql_originals: dict[str, Callable[..., Any]] = {}
+
+
+def track_pymysql_replies() -> None:
+    """Note on every PyMySQL connection whether the last command's reply was read in full.
+
+    PyMySQL keeps no such flag: its current result (`_result`) is None both while a reply is
+    on its way and after any command that answers with a bare OK (COMMIT, SET AUTOCOMMIT, a
+    ping). So its sender (`_execute_command`) and its two readers of a whole reply
+    (`_read_query_result`, `_read_ok_packet`: every command Django sends ends in one) are
+    wrapped, on the class, once: an attribute write per command, nothing else changes.
+    """
+    if _pymysql_originals:
+        return
+    module = sys.modules.get("pymysql.connections")
+    cls = getattr(module, "Connection", None)
+    if cls is None:
+        return
+    names = ("_execute_command", "_read_query_result", "_read_ok_packet")
+    originals = {
+        name: _get(cls, name, "pymysql Connection", "telling a query cut short from one never sent") for name in names
+    }
+    if any(original is None for original in originals.values()):
+        return
+    send, read_result, read_ok = (originals[name] for name in names)
+
+    def _execute_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+        setattr(self, _PYMYSQL_REPLIED, False)
+        return send(self, *args, **kwargs)
+
+    def _read_query_result(self: Any, *args: Any, **kwargs: Any) -> Any:
+        affected = read_result(self, *args, **kwargs)
+        setattr(self, _PYMYSQL_REPLIED, True)
+        return affected
+
+    def _read_ok_packet(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ok = read_ok(self, *args, **kwargs)
+        setattr(self, _PYMYSQL_REPLIED, True)
+        return ok
+
+    for name, replacement in zip(names, (_execute_command, _read_query_result, _read_ok_packet), strict=True):
+        setattr(cls, name, replacement)
+    _pymysql_originals.update(originals)
+
+
+def untrack_pymysql_replies() -> None:
+    """Undo `track_pymysql_replies` (tests)."""
+    cls = getattr(sys.modules.get("pymysql.connections"), "Connection", None)
+    if cls is not None:
+        for name, original in _pymysql_originals.items():
+            setattr(cls, name, original)
+    _pymysql_originals.clear()
+
+
+def pymysql_reply_pending(raw: Any) -> bool:
+    """Has a PyMySQL connection sent a command whose reply it has not read in full?
+
+    Where `track_pymysql_replies` did not see the connection's last command, PyMySQL's own
+    state answers on the safe side: a reply may be pending whenever there is no current
+    result. An unbuffered result still streaming (`unbuffered_active`) is pending too.
+    """
+    result = getattr(raw, "_result", _MISSING)
+    if result is _MISSING:
+        _get(raw, "_result", "pymysql Connection", "telling a query cut short from one never sent")
+        return True
+    if result is not None and getattr(result, "unbuffered_active", False):
+        return True
+    replied = getattr(raw, _PYMYSQL_REPLIED, None)
+    return result is None if replied is None else not replied

@@ -1,59 +1,83 @@
-"""Nothing is handed on from an interrupted query.
+"""Nothing is handed on from an interrupted query, and nothing else is touched.
 
 A query cut short in the client (`gevent.Timeout`, `GreenletExit`, a cancelled task,
-`KeyboardInterrupt`, Celery's soft time limit) leaves its session mid-reply: the
-server's answer is still on its way. The next query on that connection would read
-it as its own answer (another request's result) or fail with a protocol error
-("InterfaceError: (0, '')"). Django cannot see this: such exceptions are not
-database errors, so it neither marks the connection nor closes it.
+`KeyboardInterrupt`, Celery's soft time limit) can leave its session mid-reply: the
+server's answer is still on its way, and the next query on that connection would read it
+as its own (another request's result) or fail with a protocol error. Django cannot see
+this: such exceptions are not database errors, so it neither marks the connection nor
+closes it.
 
-So every cursor operation on a guarded connection runs inside a guard, and an
-exception that is not a database error closes the connection there and then.
-Inside `atomic()` Django then refuses further queries in that block, loudly, instead
-of running them on a session in an unknown state. Database errors are left to
-Django: the driver has read the error reply, so the protocol is in step.
+So every cursor operation, and every raw commit, rollback, autocommit change and ping, runs
+inside a guard. When one ends in an exception that is not a database error, the guard asks
+the driver whether the protocol is still in step (serverhooks.protocol, no I/O):
 
-The guard also counts operations in flight, so that exit can tell a connection that
+- in step (the exception came before anything was sent: an `execute_wrapper` that refused
+  the query, a parameter the driver could not adapt): the connection and the transaction
+  are left exactly as plain Django leaves them;
+- out of step: the connection is closed. Inside `atomic()` Django then refuses further
+  queries in the block, and its outermost level raises `TransactionLost` at its exit even
+  if the interrupt was caught (serverhooks.transactions): a transaction is committed as
+  written, or fails loudly.
+
+Database errors are left to Django: the driver read the error reply, so the protocol is in
+step. The guard also counts operations in flight, so that exit can tell a connection
 another thread is using from an idle one (`busy`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from serverhooks import _internals, protocol, transactions
 from serverhooks._log import describe_error, logger
 from serverhooks.counters import counters
 
-__all__ = ["busy", "guard", "unguard"]
+__all__ = ["busy", "drop_interrupted", "guard", "run_guarded", "unguard"]
 
 T = TypeVar("T")
 
-_GUARDED_METHODS = ("execute", "executemany", "callproc", "fetchone", "fetchmany", "fetchall")
+# Django's CursorWrapper: every call that may talk to the server. close() and nextset()
+# read what is left of a reply (PyMySQL and mysqlclient drain further result sets).
+_CURSOR_METHODS = ("execute", "executemany", "callproc", "fetchone", "fetchmany", "fetchall", "nextset", "close")
+# The DatabaseWrapper's own round trips, which no cursor sees.
+_WRAPPER_METHODS: tuple[str, ...] = ("_commit", "_rollback", "_set_autocommit", "is_usable")
 
 
-def _run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)` on `db`'s session, closing the session if an interrupt left it out of step."""
     db._serverhooks_busy = getattr(db, "_serverhooks_busy", 0) + 1
     try:
         return call(*args, **kwargs)
-    except _database_errors:
-        raise
     except BaseException as exc:
-        _close_interrupted(db, exc)
+        # Database errors (Django's, or the driver's own where Django does not wrap the
+        # call): the driver read the error reply, so the protocol is in step.
+        if not isinstance(exc, _database_errors) and not isinstance(exc, db.Database.Error):
+            raw = db.connection
+            if raw is not None and not db.closed_in_transaction and protocol.out_of_step(raw):
+                drop_interrupted(db, exc)
         raise
     finally:
         db._serverhooks_busy -= 1
 
 
-def _close_interrupted(db: Any, exc: BaseException) -> None:
-    if db.connection is None:
-        return
+def drop_interrupted(db: Any, exc: BaseException) -> None:
+    """Close `db`'s session, which `exc` left out of step; inside a transaction, mark it lost."""
     counters().add("closed_interrupted", db.alias)
-    logger.debug(
-        "serverhooks: closing %r: a query was interrupted by %s, its reply may still be on the way",
+    reason = f"a query was cut short by {describe_error(exc)}"
+    in_transaction = bool(db.in_atomic_block)
+    if in_transaction:
+        transactions.mark_lost(db, reason)
+    logger.log(
+        logging.WARNING if in_transaction else logging.DEBUG,
+        "serverhooks: closing %r: %s, and its reply may still be on the way%s",
         db.alias,
-        describe_error(exc),
+        reason,
+        "; the open transaction is rolled back: its atomic() block raises TransactionLost at its exit"
+        if in_transaction
+        else "",
     )
     try:
         db.close()
@@ -69,10 +93,10 @@ def _guarded_method(name: str) -> Callable[..., Any]:
         try:
             parent = getattr(super(guarded, self), name)
         except AttributeError:
-            # Django's CursorWrapper serves fetch*() through __getattr__, which super() does not consult.
+            # Django's CursorWrapper serves fetch*() and close() through __getattr__, which super() does not consult.
             base: Any = guarded.__mro__[1]
             parent = base.__getattr__(self, name)
-        return _run_guarded(self.db, parent, *args, **kwargs)
+        return run_guarded(self.db, parent, *args, **kwargs)
 
     method.__name__ = name
     return method
@@ -84,7 +108,7 @@ _END = object()
 def _guarded_iter(self: Any) -> Iterator[Any]:
     rows = super(type(self), self).__iter__()
     while True:
-        row = _run_guarded(self.db, next, rows, _END)
+        row = run_guarded(self.db, next, rows, _END)
         if row is _END:
             return
         yield row
@@ -97,7 +121,7 @@ _guarded_for: dict[type, type] = {}
 def _guarded_class(cls: type) -> type:
     guarded = _guarded_for.get(cls)
     if guarded is None:
-        body: dict[str, Any] = {name: _guarded_method(name) for name in _GUARDED_METHODS}
+        body: dict[str, Any] = {name: _guarded_method(name) for name in _CURSOR_METHODS}
         body["__iter__"] = _guarded_iter
         body["__module__"] = __name__
         guarded = type(f"Guarded{cls.__name__}", (cls,), body)
@@ -117,7 +141,7 @@ _database_errors: tuple[type[BaseException], ...] = ()
 
 
 def guard(db: Any) -> None:
-    """Guard every cursor this DatabaseWrapper makes from now on; idempotent."""
+    """Guard every cursor this DatabaseWrapper makes from now on, and its own round trips; idempotent."""
     global _database_errors
     if not _database_errors:
         from django.db.utils import Error
@@ -125,15 +149,22 @@ def guard(db: Any) -> None:
         _database_errors = (Error,)
     if "make_cursor" in vars(db):
         return
+    transactions.install()
+    if db.vendor == "mysql":
+        _internals.track_pymysql_replies()  # only where PyMySQL is loaded: mysqlclient needs nothing
     cls = type(db)
     db.make_cursor = functools.partial(_make_guarded, cls.make_cursor, db)
     db.make_debug_cursor = functools.partial(_make_guarded, cls.make_debug_cursor, db)
+    for name in _WRAPPER_METHODS:
+        own = getattr(cls, name, None)
+        if own is not None:
+            setattr(db, name, functools.partial(run_guarded, db, functools.partial(own, db)))
 
 
 def unguard(db: Any) -> None:
     """Undo `guard` (tests)."""
-    vars(db).pop("make_cursor", None)
-    vars(db).pop("make_debug_cursor", None)
+    for name in ("make_cursor", "make_debug_cursor", *_WRAPPER_METHODS):
+        vars(db).pop(name, None)
 
 
 def busy(db: Any) -> bool:

@@ -49,6 +49,12 @@ def start_tracking() -> None:
     from django.db.backends.signals import connection_created
 
     connection_created.connect(_on_connection_created, weak=False, dispatch_uid="serverhooks.track")
+    if conf.get("CLOSE_INTERRUPTED"):
+        # Now, not at the first guarded connection: a `with atomic():` looks its __exit__ up
+        # on entry, and the first connection is often opened inside the first block.
+        from serverhooks import transactions
+
+        transactions.install()
     for wrapper in this_thread_wrappers():
         if wrapper.connection is not None:
             _on_connection_created(type(wrapper), wrapper)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from serverhooks import _internals, sockets
+from serverhooks import _internals, conf, sockets, transactions
 from serverhooks._log import describe_error, logger, say_once
 from serverhooks._process import state
 from serverhooks.pool.core import Pool, Waiter
@@ -49,7 +49,8 @@ def _count_opened(sender: Any, connection: Any, **kwargs: Any) -> None:
 
 
 def release_current() -> int:
-    """Return the current unit of work's pooled connections; how many went back."""
+    """Return the current unit of work's pooled connections, except one inside a transaction;
+    how many went back."""
     if not _pools:
         return 0
     from django.db import connections
@@ -58,10 +59,13 @@ def release_current() -> int:
     released = 0
     for alias, pool in _pools.items():
         wrapper = getattr(storage, alias, None)
-        if wrapper is not None and pool.holds(wrapper):
-            delattr(storage, alias)
-            pool.checkin(wrapper)
-            released += 1
+        if wrapper is None or not pool.holds(wrapper) or transactions.in_transaction(wrapper):
+            # In a transaction (`releasing()` inside atomic()): the rest of the block must run
+            # on this same session. It goes back once the unit of work is outside the block.
+            continue
+        delattr(storage, alias)
+        pool.checkin(wrapper)
+        released += 1
     return released
 
 
@@ -79,6 +83,8 @@ def activate(waiter: Waiter, size: int, timeout: float, *, max_age_zero_reuses: 
     from django.db import connections
     from django.db.backends.signals import connection_created
 
+    if conf.get("CLOSE_INTERRUPTED"):
+        transactions.install()  # before any block: `with atomic():` looks its __exit__ up on entry
     handler: Any = connections
     if _original_handler_class is None:
         _original_handler_class = type(handler)

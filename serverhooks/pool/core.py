@@ -21,10 +21,9 @@ import _thread
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serverhooks import _internals, conf, cursorguard, health
+from serverhooks import _internals, conf, cursorguard, health, transactions
 from serverhooks._log import describe_error, logger
 from serverhooks._process import state
 
@@ -68,14 +67,24 @@ class Waiter(Protocol):
         """Ask to be told when `unit` ends; False where that kind of unit cannot tell."""
 
 
-@dataclass
-class _Holding:
-    unit: weakref.ref[Any]
-    wrappers: list[Any]
+#: Tests switch this on: every change of who holds what then checks, under the pool's lock,
+#: that no wrapper is held by two units of work at once, nor held and idle, and that no more
+#: than `size` wrappers exist. A violation is recorded here and raised where it happened.
+invariant_checks = False
+invariant_violations: list[str] = []
 
 
 class Pool:
-    """Wrappers for one alias: at most `size` exist; idle ones are reused newest first."""
+    """Wrappers for one alias: at most `size` exist; idle ones are reused newest first.
+
+    Who holds what (`_holders`: unit of work -> the wrappers it checked out) and the idle
+    lists change only under `_lock`, and a wrapper goes back only by a compare-and-pop:
+    a checkin removes it from its own unit's holding, a reclaim pops a dead unit's holding
+    only if it is still the one the scan saw. Units are the keys themselves, never their
+    ids, which a new thread or greenlet reuses. The lock is held only around those dict
+    and list operations, never across I/O, so under gevent (where it is gevent's lock) it
+    never yields.
+    """
 
     def __init__(
         self, alias: str, size: int, timeout: float, waiter: Waiter, *, max_age_zero_reuses: bool = False
@@ -88,12 +97,10 @@ class Pool:
         # leak otherwise. Under a pool nothing leaks, so there it means "reuse, no age cap".
         self.max_age_zero_reuses = max_age_zero_reuses
         self._slots = waiter.slots(size)
-        # Guards the idle lists between OS threads. It is held only around list operations,
-        # never across I/O, so under gevent (where it is gevent's lock) it never yields.
-        self._lists = threading.Lock()
+        self._lock = threading.Lock()
         self._idle: list[Any] = []
         self._reclaimed: list[Any] = []  # from dead units of work: cleaned by the next checkout
-        self._holdings: dict[int, _Holding] = {}
+        self._holders: dict[Any, list[Any]] = {}
         self._linked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_timeout_logged = float("-inf")
         if observer is not None:  # its sampler reports occupancy(); requests write no metric
@@ -145,19 +152,19 @@ class Pool:
         return error
 
     def _pop(self, wrappers: list[Any]) -> Any:
-        with self._lists:
+        with self._lock:
             return wrappers.pop() if wrappers else None
 
     def _next_wrapper(self) -> Any:
+        """A clean wrapper for the caller, which holds a slot: an idle one, or a new one."""
         while (wrapper := self._pop(self._reclaimed)) is not None:
-            if self._make_clean(wrapper):
+            if self._ready_for_use(wrapper, self._make_clean):
                 return wrapper
         while (wrapper := self._pop(self._idle)) is not None:
-            _adopt(wrapper)
-            self._drop_dead_session(wrapper)
-            if wrapper.connection is not None:
-                state().counters.add("pool_reused", self.alias)
-            return wrapper
+            if self._ready_for_use(wrapper, self._drop_dead_session):
+                if wrapper.connection is not None:
+                    state().counters.add("pool_reused", self.alias)
+                return wrapper
         from django.db import connections
 
         fresh: Any = connections.create_connection(self.alias)
@@ -170,11 +177,25 @@ class Pool:
             cursorguard.guard(fresh)  # a query cut short closes it: nothing reaches the next holder
         return fresh
 
-    def _drop_dead_session(self, wrapper: Any) -> None:
+    def _ready_for_use(self, wrapper: Any, prepare: Any) -> bool:
+        """Prepare a wrapper taken out of a list; False: it was discarded, take the next.
+
+        An interrupt (GreenletExit, a timeout) in the middle leaves its session in an unknown
+        state: it is closed, never put back, and the interrupt goes on.
+        """
+        _adopt(wrapper)
+        try:
+            return bool(prepare(wrapper))
+        except BaseException:
+            _close_quietly(wrapper)
+            raise
+
+    def _drop_dead_session(self, wrapper: Any) -> bool:
         """Close an idle connection that expired or that the server ended (KILL, a restart):
-        one poll() syscall, no round trip (serverhooks.health)."""
+        one poll() syscall, no round trip (serverhooks.health). A session that fails to get
+        ready (its time zone) is replaced too: the request gets a new one, not the error."""
         if wrapper.connection is None:
-            return
+            return True
         expired = wrapper.close_at is not None and time.monotonic() >= wrapper.close_at
         ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection, wrapper)
         if expired or ended:
@@ -183,23 +204,33 @@ class Pool:
                 state().counters.add("closed_unhealthy", self.alias)
             _close_quietly(wrapper)
         if hasattr(wrapper, "ensure_timezone") and wrapper.connection is not None:
-            wrapper.ensure_timezone()  # PostgreSQL: a request may have run SET TIME ZONE
+            try:
+                wrapper.ensure_timezone()  # PostgreSQL: a request may have run SET TIME ZONE
+            except Exception as exc:
+                logger.debug("serverhooks: replacing a pooled %r session: %s", self.alias, describe_error(exc))
+                state().counters.add("pool_discarded", self.alias)
+                _close_quietly(wrapper)
+        return True
 
     # ----------------------------------------------------------------- checkin
 
     def checkin(self, wrapper: Any) -> None:
         """Return a wrapper checked out by the current unit of work."""
-        self._unhold(wrapper)
+        if not self._unhold(wrapper):
+            # Not this unit's: the pool took it back already (and freed its slot). Putting it
+            # back again would hand one session to two units.
+            self._violation(f"{self.alias!r}: checkin of a wrapper the current unit does not hold")
+            return
         try:
-            if self._make_clean(wrapper):
-                with self._lists:
+            if self._ready_for_use(wrapper, self._make_clean):
+                with self._lock:
                     self._idle.append(wrapper)
         finally:
             self._slots.release()
 
     def _make_clean(self, wrapper: Any) -> bool:
         """Leave no transaction, autocommit change or broken session behind; False: drop it."""
-        _adopt(wrapper)
+        transactions.forget_lost(wrapper)
         if wrapper.in_atomic_block:
             # Only a unit that died inside atomic() gets here: Django's bookkeeping for that
             # block cannot be unwound, so the wrapper goes, and its session too.
@@ -230,53 +261,74 @@ class Pool:
 
     def _hold(self, wrapper: Any) -> None:
         unit = self.waiter.current()
-        holding = self._holdings.get(id(unit))
-        if holding is not None and holding.unit() is not unit:
-            # An id is reused once its unit of work is gone: what that one held comes back first.
-            self._reclaim(id(unit))
-            holding = None
-        if holding is None:
-            holding = self._holdings[id(unit)] = _Holding(weakref.ref(unit), [])
-        holding.wrappers.append(wrapper)
+        with self._lock:
+            if invariant_checks:
+                self._check_free_locked(wrapper)
+            self._holders.setdefault(unit, []).append(wrapper)
         if unit not in self._linked and self.waiter.on_death(unit, self._on_unit_death):
             self._linked.add(unit)
 
-    def _unhold(self, wrapper: Any) -> None:
-        key = id(self.waiter.current())
-        holding = self._holdings.get(key)
-        if holding is not None and wrapper in holding.wrappers:
-            holding.wrappers.remove(wrapper)
-            if not holding.wrappers:
-                del self._holdings[key]
+    def _unhold(self, wrapper: Any) -> bool:
+        """Remove `wrapper` from the current unit's holding; False if it is not there."""
+        unit = self.waiter.current()
+        with self._lock:
+            held = self._holders.get(unit)
+            if held is None:
+                return False
+            for index, candidate in enumerate(held):
+                if candidate is wrapper:
+                    del held[index]
+                    if not held:
+                        del self._holders[unit]
+                    return True
+            return False
 
     def holds(self, wrapper: Any) -> bool:
         return getattr(wrapper, "_serverhooks_pool", None) is self
 
     def _on_unit_death(self, unit: Any) -> None:
-        # May run in gevent's hub, which must not block: only move the wrappers aside.
-        holding = self._holdings.get(id(unit))
-        if holding is not None and holding.unit() in (unit, None):
-            self._reclaim(id(unit))
+        # May run in gevent's hub, or in a thread that is ending: it only moves wrappers aside.
+        self._reclaim(unit)
 
     def _reclaim_from_dead_units(self) -> None:
         """Units that cannot tell us they ended (raw greenlets): find them when the pool runs dry."""
-        for key, holding in list(self._holdings.items()):
-            unit = holding.unit()
-            if unit is None or self.waiter.is_dead(unit):
-                self._reclaim(key)
+        with self._lock:
+            holdings = list(self._holders.items())
+        for unit, held in holdings:
+            if self.waiter.is_dead(unit):
+                self._reclaim(unit, expected=held)
 
-    def _reclaim(self, key: int) -> None:
-        holding = self._holdings.pop(key, None)
-        if holding is None:
-            return
-        for wrapper in holding.wrappers:
-            with self._lists:
-                self._reclaimed.append(wrapper)
+    def _reclaim(self, unit: Any, expected: list[Any] | None = None) -> None:
+        """Take back what a dead unit held: only its holding as the caller saw it, if still there."""
+        with self._lock:
+            held = self._holders.get(unit)
+            if held is None or (expected is not None and held is not expected):
+                return
+            del self._holders[unit]
+            self._reclaimed.extend(held)
+        for _wrapper in held:
             state().counters.add("pool_reclaimed", self.alias)
             self._slots.release()
 
+    def _check_free_locked(self, wrapper: Any) -> None:
+        """Invariants, with the lock held: `wrapper` is held by nobody and idle nowhere."""
+        holders = [unit for unit, held in self._holders.items() if any(w is wrapper for w in held)]
+        if holders:
+            self._violation(f"{self.alias!r}: a wrapper handed out while {len(holders)} unit(s) hold it")
+        if any(w is wrapper for w in self._idle) or any(w is wrapper for w in self._reclaimed):
+            self._violation(f"{self.alias!r}: a wrapper handed out while it is also idle")
+        existing = len(self._idle) + len(self._reclaimed) + sum(len(held) for held in self._holders.values()) + 1
+        if existing > self.size:
+            self._violation(f"{self.alias!r}: {existing} wrappers exist, above POOL_SIZE={self.size}")
+
+    def _violation(self, message: str) -> None:
+        logger.warning("serverhooks: pool invariant broken: %s", message)
+        if invariant_checks:
+            invariant_violations.append(message)
+            raise AssertionError(f"serverhooks pool invariant: {message}")
+
     def close_idle(self) -> None:
-        with self._lists:
+        with self._lock:
             wrappers = self._idle + self._reclaimed
             self._idle.clear()
             self._reclaimed.clear()
@@ -286,8 +338,9 @@ class Pool:
 
     def occupancy(self) -> tuple[int, int]:
         """(checked out, idle) right now; serverhooks.metrics samples it. Reclaimed ones count as idle."""
-        in_use = sum(len(holding.wrappers) for holding in list(self._holdings.values()))
-        return in_use, len(self._idle) + len(self._reclaimed)
+        with self._lock:
+            in_use = sum(len(held) for held in self._holders.values())
+            return in_use, len(self._idle) + len(self._reclaimed)
 
 
 def _adopt(wrapper: Any) -> None:

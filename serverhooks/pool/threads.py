@@ -4,12 +4,14 @@ Django's ASGI handler gives each request a thread of its own (a `ThreadSensitive
 the view, the middleware and every `sync_to_async` call of that request run there, async
 ORM calls included. So a request is its thread: it checks a connection out at its first
 database use and gives it back at `request_finished`, in that thread. A thread that ended
-without giving back (a client that went away mid-request) is found when the pool runs dry.
+without giving back (a client that went away mid-request) gives back as it ends.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from serverhooks.pool import active, core
@@ -17,14 +19,29 @@ from serverhooks.pool import active, core
 __all__ = ["ThreadWaiter", "activate"]
 
 
+class _EndOfThread:
+    """Kept in a thread's own storage: freed, and its finalizers run, when the thread ends."""
+
+    __slots__ = ("__weakref__",)
+
+
 class ThreadWaiter:
-    """Threads wait on a semaphore; each holds what it checked out until its request ends."""
+    """Threads wait on a semaphore; each holds what it checked out until its request ends.
+
+    A thread that ends without giving back (a client that went away mid-request, a thread
+    of the app's own) is told of through its thread-local storage: CPython frees a thread's
+    locals when the thread ends, threads not started by `threading` included (their
+    `is_alive()` may never turn False), and a finalizer on an object kept there runs then.
+    """
 
     # What most often holds slots under ASGI: work that has no request end.
     timeout_hint = (
         " Work outside a request (a thread of your own, run_in_executor, a Channels consumer) keeps "
         "its connection until it runs inside serverhooks.threads.releasing()."
     )
+
+    def __init__(self) -> None:
+        self._local = threading.local()
 
     def slots(self, size: int) -> core.Slots:
         return threading.BoundedSemaphore(size)
@@ -35,8 +52,14 @@ class ThreadWaiter:
     def is_dead(self, unit: Any) -> bool:
         return not unit.is_alive()
 
-    def on_death(self, unit: Any, callback: Any) -> bool:
-        return False  # a thread cannot say when it ends: dead ones are found when the pool runs dry
+    def on_death(self, unit: Any, callback: Callable[[Any], None]) -> bool:
+        if unit is not threading.current_thread():
+            return False  # only a thread's own storage ends with it
+        token = getattr(self._local, "end", None)
+        if token is None:
+            token = self._local.end = _EndOfThread()
+        weakref.finalize(token, callback, unit).atexit = False  # at shutdown there is nothing to give back to
+        return True
 
 
 def activate(size: int, timeout: float) -> list[str]:

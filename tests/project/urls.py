@@ -1,7 +1,7 @@
 from django.urls import path
 
 from serverhooks.metrics.django import metrics_view
-from tests.project import async_views, views
+from tests.project import async_views, integrity_views, views
 
 urlpatterns = [
     path("ping", views.ping),
@@ -24,4 +24,6 @@ urlpatterns = [
     path("async/slow", async_views.slow),
     path("async/background", async_views.background),
     path("metrics", metrics_view),
+    path("integrity/write-then-refused", integrity_views.write_then_refused),
+    path("integrity/release-inside-atomic", integrity_views.release_inside_atomic),
 ]

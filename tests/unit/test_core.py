@@ -81,20 +81,24 @@ for _ in range(3):
     t = threading.Thread(target=leaks); t.start(); t.join(5)
 assert use_and_release() == 1
 
-# Clean on return: autocommit turned off is rolled back and restored; inside atomic() it is dropped.
+# A release inside a transaction keeps the connection (the transaction goes on, on its session);
+# a thread that ends holding one gives it back as it ends, cleaned at the next checkout:
+# autocommit turned off is rolled back and restored; inside atomic() it is dropped.
 def leaves_autocommit_off():
     connections["default"].set_autocommit(False)
     connections["default"].cursor().execute("SELECT 1")
-    active.release_current()
+    assert active.release_current() == 0
 t = threading.Thread(target=leaves_autocommit_off); t.start(); t.join(5)
+assert use_and_release() == 1
 assert all(w.get_autocommit() for w in pool._idle if w.connection is not None)
 from django.db import transaction
 def dies_in_atomic():
     transaction.atomic().__enter__()
     connections["default"].cursor().execute("SELECT 1")
-    active.release_current()
+    assert active.release_current() == 0
 discarded = state().counters.pool_discarded
 t = threading.Thread(target=dies_in_atomic); t.start(); t.join(5)
+assert use_and_release() == 1
 assert state().counters.pool_discarded == discarded + 1
 
 # Many threads at once (ASGI's request threads): no error, never more than the bound in use.
@@ -122,8 +126,8 @@ assert len({id(w) for w in pool._idle}) <= 2
 # An event loop's thread never checks one out: it would hold it for good.
 async def in_the_loop():
     return connections["default"]
-holdings = dict(pool._holdings)
-assert not pool.holds(asyncio.run(in_the_loop())) and pool._holdings == holdings
+holders = dict(pool._holders)
+assert not pool.holds(asyncio.run(in_the_loop())) and pool._holders == holders
 
 # After a fork, the pools start empty; deactivate() puts Django's handler back.
 active.forget_after_fork()

@@ -1,0 +1,26 @@
+"""The guard tests' control arm: serverhooks' cursor guard as it was before issue 20.
+
+It closed the connection on any exception that was not a database error, without asking the
+driver whether anything had been sent, and the atomic() block whose session it closed exited
+without a word. Imported by a test process (GUARD_CONTROL=1) or a server's master, so every
+worker inherits the change. Nothing else is switched off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serverhooks import cursorguard, protocol, transactions
+
+
+def _always_out_of_step(raw: Any) -> bool:
+    return True
+
+
+def _not_marked(wrapper: Any, reason: str) -> None:
+    return None
+
+
+protocol.out_of_step = _always_out_of_step
+transactions.mark_lost = _not_marked
+cursorguard._WRAPPER_METHODS = ()  # commits, rollbacks, autocommit changes and pings went unguarded
