@@ -8,11 +8,23 @@ with a round trip to the database on every request.
 An idle session's socket tells the same for one `poll()`: a healthy idle session has
 nothing to read. Readable means the server closed it, sent an error before closing, or
 sent something a healthy session can receive too, which only PostgreSQL does
-(`NOTIFY` to a session that `LISTEN`s, `ParameterStatus`). MySQL never sends anything to
-an idle session, so for MySQL readable means ended. For PostgreSQL the waiting bytes are
-peeked at, not read (the driver still gets them): only asynchronous messages mean a
-healthy session. Under TLS they cannot be parsed, so the driver's own non-blocking read
-takes them in (a notification waits in its queue for the app; an EOF fails the read).
+(`NOTIFY` to a session that `LISTEN`s, `ParameterStatus`, a notice). MySQL never sends
+anything to an idle session, so for MySQL readable means ended.
+
+A server that shut its side of the stream (its FIN) ended the session whatever waits
+before the FIN: the same `poll()` asks for POLLRDHUP (Linux), which reports the FIN even
+while data is still queued, where a peek sees only the data. This matters for
+PostgreSQL's crash-restart ("terminating connection because of crash of another server
+process", after the OOM killer took one backend) and immediate shutdown (failover tools):
+every backend then sends a NoticeResponse, not an ErrorResponse, and exits.
+
+For PostgreSQL the waiting bytes are otherwise peeked at, not read (the driver still gets
+them): only asynchronous messages mean a healthy session, and a notice of class 57
+(operator intervention: 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
+cannot_connect_now) or of severity FATAL or PANIC does not, so the notice counts even in
+the instant before its FIN arrives. Under TLS the bytes cannot be parsed, so the
+driver's own non-blocking read takes them in (a notification waits in its queue for the
+app; an EOF fails the read); POLLRDHUP applies there too.
 
 Not seen: a peer that vanished without a FIN (a network partition, a host that lost
 power). Only a round trip or TCP keepalives find those.
@@ -33,9 +45,21 @@ from serverhooks.counters import counters
 
 __all__ = ["close_ended_in_this_thread", "close_if_ended", "session_ended", "unwatch", "watch"]
 
-_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+# The peer shut its side (POLLRDHUP, Linux only: 0 elsewhere), hung up, or the socket failed.
+# Nothing more will come, so the session is over whatever still waits to be read: no database
+# server half-closes a session that goes on. The tests' control arm
+# (tests/support/health_control.py) sets this to 0, which is the judgement before POLLRDHUP.
+_HUNG_UP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR | select.POLLNVAL
+# What the poll objects ask for. Asking for POLLRDHUP costs nothing on the healthy path: it is
+# still one poll() that finds nothing. (A FIN always brings POLLIN too.)
+_EVENTS = select.POLLIN | select.POLLPRI | _HUNG_UP
 _PSYCOPG_CONNECTION_OK = 0  # libpq's CONNECTION_OK
 _PEEK_BYTES = 4096
+_ASYNC_MESSAGES = (b"A", b"S", b"N")  # NotificationResponse, ParameterStatus, NoticeResponse
+# What a backend's last notice carries: SQLSTATE class 57 (operator intervention), or a
+# severity that means the backend is going away. Severity from the V field (never translated).
+_ENDING_CLASS = b"57"
+_ENDING_SEVERITIES = (b"FATAL", b"PANIC")
 
 
 def _real_poll() -> Callable[[], Any]:
@@ -50,10 +74,16 @@ def _real_poll() -> Callable[[], Any]:
     return select.poll
 
 
-def _readable(fd: int) -> bool:
+def _events(fd: int) -> int:
+    """The poll() events waiting on `fd` now (0: none), with a poll object made for this call."""
     poller = _real_poll()()
-    poller.register(fd, _READABLE)
-    return bool(poller.poll(0))
+    poller.register(fd, _EVENTS)
+    ready = poller.poll(0)
+    return int(ready[0][1]) if ready else 0
+
+
+def _readable(fd: int) -> bool:
+    return bool(_events(fd))
 
 
 class _Watch:
@@ -64,14 +94,15 @@ class _Watch:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.poller = _real_poll()()
-        self.poller.register(fd, _READABLE)
+        self.poller.register(fd, _EVENTS)
 
 
-def _readable_cached(owner: Any, fd: int) -> bool:
+def _events_cached(owner: Any, fd: int) -> int:
     watch = owner.__dict__.get("_serverhooks_watch")
     if watch is None or watch.fd != fd:
         watch = owner._serverhooks_watch = _Watch(fd)
-    return bool(watch.poller.poll(0))
+    ready = watch.poller.poll(0)
+    return int(ready[0][1]) if ready else 0
 
 
 def session_ended(raw: Any, owner: Any = None) -> bool:
@@ -82,8 +113,11 @@ def session_ended(raw: Any, owner: Any = None) -> bool:
     fd = sockets.socket_fd(raw)
     if fd is None or fd < 0:
         return False
-    if not (_readable_cached(owner, fd) if owner is not None else _readable(fd)):
+    events = _events_cached(owner, fd) if owner is not None else _events(fd)
+    if not events:
         return False
+    if events & _HUNG_UP:
+        return True  # the server shut its side: whatever waits before its FIN, nothing follows
     driver = sockets.driver_name(raw)
     if driver not in ("psycopg", "psycopg2"):
         return True  # MySQL sends nothing to a healthy idle session
@@ -102,8 +136,11 @@ def session_ended(raw: Any, owner: Any = None) -> bool:
                 raw.poll()
         except Exception:
             return True
-        if not _readable(fd):
+        events = _events(fd)
+        if not events:
             return False
+        if events & _HUNG_UP:
+            return True  # a FIN behind what the driver just read (a backend's last notice)
     return True
 
 
@@ -133,17 +170,49 @@ def _only_async_messages(data: bytes) -> bool:
     """PostgreSQL's wire protocol: is every message waiting one a healthy idle session can get?
 
     NotificationResponse (A), ParameterStatus (S) and NoticeResponse (N) can arrive at any
-    time. Anything else, notably an ErrorResponse (E, "terminating connection"), or an EOF
-    (no bytes), means the session is over.
+    time. Anything else, notably an ErrorResponse (E, "terminating connection"), an EOF
+    (no bytes), or a notice that a backend sends as it exits (see `_notice_ends_session`),
+    means the session is over. A message cut short by the peek's size, or still on its way,
+    is judged on what has arrived.
     """
     if not data:
         return False
     at = 0
-    while at + 5 <= len(data):
-        if data[at : at + 1] not in (b"A", b"S", b"N"):
+    while at < len(data):
+        if data[at : at + 1] not in _ASYNC_MESSAGES:
             return False
-        at += 1 + int.from_bytes(data[at + 1 : at + 5], "big")
+        if at + 5 > len(data):
+            return True  # the rest of its header is on its way
+        length = int.from_bytes(data[at + 1 : at + 5], "big")
+        if length < 4:
+            return False  # not PostgreSQL's framing: the stream is out of step, unusable
+        if data[at : at + 1] == b"N" and _notice_ends_session(data[at + 5 : at + 1 + length]):
+            return False
+        at += 1 + length
     return True
+
+
+def _notice_ends_session(body: bytes) -> bool:
+    """Is this NoticeResponse body the one a backend sends as it exits?
+
+    A crash-restart or an immediate shutdown makes every backend send a WARNING, not an
+    error, and exit (quickdie(), on SIGQUIT from the postmaster): SQLSTATE 57P02
+    crash_shutdown ("terminating connection because of crash of another server process"),
+    or 57P01 admin_shutdown ("... due to immediate shutdown command", "... because of
+    unexpected SIGQUIT signal") since PostgreSQL 14; older servers sent 57P02 for all of
+    them. Its FIN follows within a millisecond (0.7 ms measured on loopback), and POLLRDHUP
+    catches that; the notice settles the instant before it. Class 57 is "operator
+    intervention": no notice of that class reaches a session that goes on.
+    The fields are a code letter, text and NUL each, then a final NUL.
+    """
+    code = severity = b""
+    for field in body.split(b"\x00"):
+        kind = field[:1]
+        if kind == b"C":
+            code = field[1:]
+        elif kind == b"V" or (kind == b"S" and not severity):  # S is translated; V (9.6+) is not
+            severity = field[1:]
+    return code.startswith(_ENDING_CLASS) or severity in _ENDING_SEVERITIES
 
 
 def close_if_ended(wrapper: Any) -> bool:
