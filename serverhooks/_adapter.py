@@ -27,7 +27,7 @@ def never_raise(hook: str, server: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        state().counters.errors += 1
+        state().counters.add("errors", "")
         logger.warning("serverhooks: the %s hook failed: %s; %s carries on.", hook, describe_error(exc), server)
         logger.debug("serverhooks: %s traceback", hook, exc_info=True)
 

@@ -15,7 +15,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from serverhooks._log import describe_error, say_once
+from serverhooks._log import describe_error, remember_secret, say_once
 
 
 class DjangoStatus(enum.Enum):
@@ -60,8 +60,8 @@ def load_settings() -> DjangoStatus:
     try:
         from django.conf import settings
 
-        settings.DATABASES  # noqa: B018 - forces the settings module to load
-    except Exception as exc:
+        databases = settings.DATABASES  # forces the settings module to load
+    except Exception as exc:  # its message may quote a DSN: describe_error redacts URLs and key=value
         say_once(
             "django-BROKEN",
             logging.WARNING,
@@ -71,7 +71,17 @@ def load_settings() -> DjangoStatus:
             describe_error(exc),
         )
         return DjangoStatus.BROKEN
+    _remember_passwords(databases)
     return DjangoStatus.READY
+
+
+def _remember_passwords(databases: object) -> None:
+    """Every configured password, redacted from every later log line before a connection opens
+    (a driver's error may quote it bare, with neither a key nor a URL around it)."""
+    if isinstance(databases, dict):
+        for entry in databases.values():
+            if isinstance(entry, dict):
+                remember_secret(entry.get("PASSWORD"))
 
 
 def describe_alias(alias: str, settings_dict: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
 """The `serverhooks` logger, with redaction and say-once helpers.
 
-Every message that may carry driver text goes through `redact()`, because
-driver errors can echo a DSN, and the contract is that no password or full
-DSN ever reaches a log.
+The contract is that no password or full DSN ever reaches a log, and driver errors, settings
+modules that fail to import and tracebacks can all quote one. So every record of the
+`serverhooks` logger passes a filter that redacts its message, its arguments and its traceback
+text before any handler sees it. Log on this logger only: a child logger's records would reach
+the handlers without this logger's filter.
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ __all__ = ["describe_error", "logger", "redact", "remember_secret", "say_once"]
 
 logger = logging.getLogger("serverhooks")
 
-# key=value and URL credentials, as libpq, mysqlclient and URL parsers print them.
-_SECRET_PATTERNS = (
-    re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('[^']*'|\"[^\"]*\"|\S+)"),
-    re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@"),
+_VALUE = r"""('[^']*'|"[^"]*"|\S+)"""
+# (pattern, replacement): each pattern's first group is kept, the secret becomes ***.
+_SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # key=value, as libpq, mysqlclient, command lines and environments print it: password=...,
+    # PGPASSWORD=..., DB_PASSWORD = '...'.
+    (re.compile(rf"(?i)\b(\w*(?:password|passwd|pwd)\s*=\s*){_VALUE}"), r"\1***"),
+    # A quoted key and a colon, as a dict, JSON or a settings module's source line shows it:
+    # 'PASSWORD': '...'. Not a bare `password: YES` (MySQL's "using password: YES" holds none).
+    (re.compile(rf"""(?i)((['"])\w*(?:password|passwd|pwd)\2\s*:\s*){_VALUE}"""), r"\1***"),
+    # URL credentials: everything between the user's ':' and the LAST '@' before the host part
+    # (a host holds no '@'), since a password may hold an unencoded '@' (or ':', or '/'). The
+    # user part may hold an '@' too (user@server, as Azure spells it).
+    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/\s]*:)\S*@(?=[^@/\s]*(?:[/?#\s'\"),;]|$))"), r"\1***@"),
 )
 _known_secrets: set[str] = set()
 _said: set[str] = set()
@@ -33,12 +44,40 @@ def remember_secret(secret: object) -> None:
 def redact(text: object, secrets: Iterable[str] = ()) -> str:
     """`text` with passwords and URL credentials replaced by `***`."""
     out = str(text)
-    for secret in (*_known_secrets, *secrets):
+    # Longest first: a remembered secret that holds a shorter one is replaced whole.
+    for secret in sorted({*_known_secrets, *secrets}, key=len, reverse=True):
         if secret:
             out = out.replace(secret, "***")
-    out = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}=***", out)
-    out = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}***@", out)
+    for pattern, replacement in _SECRET_PATTERNS:
+        out = pattern.sub(replacement, out)
     return out
+
+
+class _Redacting(logging.Filter):
+    """Redacts each record in place, before any handler (or formatter) sees it: the message with
+    its arguments merged in, the traceback as text (the exception object itself is dropped: its
+    args may hold the secret), and the stack text."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit: logging would report it; keep it redacted
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), ()
+        if record.exc_info:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+if not any(isinstance(existing, _Redacting) for existing in logger.filters):
+    logger.addFilter(_Redacting())
 
 
 def describe_error(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
 """This process's state, in one place: what serverhooks counts and tracks, and what a fork needs.
 
 A forked child inherits all of it from its parent. `start_afresh_after_fork` is the one
-place that resets it, once the child has abandoned what it inherited (serverhooks.fork).
+place that resets it, once the child has abandoned what it inherited (serverhooks.fork);
+only the lock of `once()` is replaced earlier, at the fork itself.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Counters:
     closed_interrupted: int = 0
     #: Idle sessions the server had ended (KILL, idle timeout, restart), closed before a request used them.
     closed_unhealthy: int = 0
-    #: Connections left open at exit because another thread was still inside a query on them.
+    #: Connections left open at exit because another thread was still inside a query or a
+    #: transaction on them after EXIT_WAIT (closing would end its atomic() block without a commit).
     busy_at_exit: int = 0
     #: Close attempts that failed and were logged instead of raised.
     errors: int = 0
@@ -55,13 +57,24 @@ class Counters:
         # Not a field: stats() stays a flat dict of totals. The metrics' alias labels read it.
         #: What add() counted, by (counter, database alias).
         self.by_alias: dict[tuple[str, str], float] = {}
+        # add() is a read-modify-write, and gthread and ASGI workers count from many threads at
+        # once: unlocked, two increments could land as one. Reentrant, so that a signal handler
+        # that counts while its thread is inside add() cannot hang it. A forked child gets fresh
+        # Counters (state()), hence a fresh lock, whoever held this one.
+        self._lock = threading.RLock()
 
     def add(self, name: str, alias: str, amount: float = 1) -> None:
-        """Count `amount` more of the counter `name` for the database `alias`."""
-        # Not setattr(): a metered subclass mirrors plain assignments as unlabelled increments.
-        object.__setattr__(self, name, getattr(self, name) + amount)
+        """Count `amount` more of the counter `name` for the database `alias` ("": none applies).
+
+        Exact under threads; `counters.x += 1` is not, so everything that may count from two threads
+        at once uses add()."""
         key = (name, alias)
-        self.by_alias[key] = self.by_alias.get(key, 0) + amount
+        with self._lock:
+            # The instance dict, not setattr(): a metered subclass mirrors plain assignments as
+            # unlabelled increments (and this path is the cheaper one: it runs per pool checkout).
+            self.__dict__[name] += amount
+            by_alias = self.by_alias
+            by_alias[key] = by_alias.get(key, 0) + amount
 
 
 @dataclasses.dataclass
@@ -69,10 +82,12 @@ class ProcessState:
     #: Every Django connection opened in this process, in any thread, by id(): a connection
     #: of another thread is only reachable through this map (serverhooks.registry).
     tracked: dict[int, weakref.ref[Any]] = dataclasses.field(default_factory=dict)
-    #: (wrapper, raw connection) pairs kept referenced across a guarded fork (serverhooks.fork).
-    held_for_fork: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
-    #: The parent's answer, just before a fork: did anything need abandoning? None: not known.
-    fork_has_work: bool | None = None
+    #: (wrapper, raw connection) pairs kept referenced across a guarded fork (serverhooks.fork), by
+    #: forking thread: two threads may fork at once, and one's release must not drop the other's hold.
+    held_for_fork: dict[int, list[tuple[Any, Any]]] = dataclasses.field(default_factory=dict)
+    #: The parent's answer, just before a fork, by forking thread: did anything need abandoning?
+    #: None (or no entry): not known.
+    fork_has_work: dict[int, bool | None] = dataclasses.field(default_factory=dict)
     #: The pid that finished abandoning what it inherited; None until one did.
     abandoned_in_pid: int | None = None
     counters: Counters = dataclasses.field(default_factory=Counters)
@@ -81,6 +96,17 @@ class ProcessState:
 _state = ProcessState()
 _once_lock = threading.Lock()
 _done_once: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    """A fresh `once()` lock in every child: a fork while another thread held it (that thread does
+    not exist in the child) would leave the child's copy held forever, and every later hook stuck."""
+    global _once_lock
+    _once_lock = threading.Lock()
+
+
+# Looked up at each fork rather than bound now, so that a test can take the reset away (its control).
+os.register_at_fork(after_in_child=lambda: _after_fork_in_child())
 
 
 def state() -> ProcessState:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,7 @@ def close_before_fork() -> None:
             wrapper.close()
             counters.add("closed_before_fork", wrapper.alias)
         except Exception as exc:
-            counters.errors += 1
+            counters.add("errors", "")
             logger.warning(
                 "serverhooks: closing database %s before fork failed: %s",
                 _django.describe_alias(wrapper.alias, wrapper.settings_dict),
@@ -67,7 +68,7 @@ def close_before_fork() -> None:
             pool.close()
             counters.add("closed_before_fork", str(key))
         except Exception as exc:
-            counters.errors += 1
+            counters.add("errors", "")
             logger.warning("serverhooks: closing the pool of %r before fork failed: %s", key, describe_error(exc))
         pools.pop(key, None)
     if conf.get("CLOSE_CACHES_BEFORE_FORK"):
@@ -76,9 +77,9 @@ def close_before_fork() -> None:
                 cache.close()
                 for redis_pool in _internals.cache_client_pools(cache):
                     redis_pool.disconnect()
-                counters.caches_closed_before_fork += 1
+                counters.add("caches_closed_before_fork", "")
             except Exception as exc:
-                counters.errors += 1
+                counters.add("errors", "")
                 logger.warning("serverhooks: closing cache %r before fork failed: %s", cache, describe_error(exc))
 
 
@@ -96,25 +97,33 @@ def hold_for_fork() -> None:
     """Parent, just before any fork: keep every live raw connection referenced.
 
     CPython clears the other threads' states in a forked child before any at-fork
-    handler runs. Connections held only in those threads' thread-locals would be
-    finalised right there, and mysqlclient's finaliser sends COM_QUIT on the
-    parent's socket. Holding a reference across the fork leaves them for
-    `abandon_inherited` to detach quietly. It also answers, for the child, whether
-    anything needs abandoning at all; until that answer is complete it stays "not known".
+    handler runs. Connections held only in those threads' thread-locals are then
+    garbage (a DatabaseWrapper is a reference cycle), finalised by the first garbage
+    collection, which may run before the guard's handler; and mysqlclient's finaliser
+    sends COM_QUIT on the parent's socket. Holding a reference across the fork leaves
+    them for `abandon_inherited` to detach quietly. It also answers, for the child,
+    whether anything needs abandoning at all; until that answer is complete it stays
+    "not known". Both are kept per forking thread: two threads may fork at once.
     """
-    current = state()
-    current.fork_has_work = None
-    current.held_for_fork[:] = [(w, w.connection) for w in registry.all_wrappers() if w.connection is not None]
-    current.fork_has_work = bool(
-        current.held_for_fork or _internals.postgres_pools() or _initialised_caches() or pools.any_active()
-    )
+    current, me = state(), _forking_thread()
+    current.fork_has_work[me] = None
+    held = [(w, w.connection) for w in registry.all_wrappers() if w.connection is not None]
+    current.held_for_fork[me] = held
+    current.fork_has_work[me] = bool(held or _internals.postgres_pools() or _initialised_caches() or pools.any_active())
 
 
 def release_hold() -> None:
-    """Parent, right after a fork: the references are no longer needed, nor is the answer."""
-    current = state()
-    current.held_for_fork.clear()
-    current.fork_has_work = None
+    """Parent, right after a fork (and a child the guard does not treat): this thread's references
+    are no longer needed, nor is its answer. Another thread's fork keeps its own."""
+    current, me = state(), _forking_thread()
+    current.held_for_fork.pop(me, None)
+    current.fork_has_work.pop(me, None)
+
+
+def _forking_thread() -> int:
+    """The key of this fork's hold: the forking thread, which is the one thread its child runs, under
+    the same ident."""
+    return threading.get_ident()
 
 
 # --------------------------------------------------------------------------- after fork
@@ -127,7 +136,7 @@ def abandon_after_guarded_fork() -> int:
     Why the shortcut: every object a fresh child touches costs a copy-on-write page
     fault, and those dominate the cost of the full scan.
     """
-    if state().fork_has_work is not False:
+    if state().fork_has_work.get(_forking_thread()) is not False:
         return abandon_inherited()
     start_afresh_after_fork()
     return 0
@@ -158,7 +167,7 @@ def abandon_inherited() -> int:
             abandoned += 1
             current.counters.add("abandoned_after_fork", wrapper.alias)
         except Exception as exc:
-            current.counters.errors += 1
+            current.counters.add("errors", "")
             logger.warning(
                 "serverhooks: abandoning inherited %s failed: %s",
                 _django.describe_alias(wrapper.alias, wrapper.settings_dict),
@@ -172,7 +181,7 @@ def abandon_inherited() -> int:
             step(current)
         except Exception as exc:
             complete = False
-            current.counters.errors += 1
+            current.counters.add("errors", "")
             logger.warning("serverhooks: after fork, %s failed: %s", step.__name__.strip("_"), describe_error(exc))
     if complete:
         counters = current.counters

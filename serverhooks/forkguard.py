@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from serverhooks import conf, fork
+from serverhooks import conf, fork, registry
 from serverhooks._log import describe_error, logger
 from serverhooks._process import once
 
@@ -45,17 +45,23 @@ def _after_in_child() -> None:
 
 
 def install_fork_guard() -> None:
-    """Treat the child of every later `os.fork()` in this process and its descendants."""
+    """Treat the child of every later `os.fork()` in this process and its descendants.
+
+    It also starts tracking connections (now, or as soon as `django.db` is imported): without
+    it, other threads' connections are out of the guard's reach."""
     global _enabled
     _enabled = True
+    registry.track_from_django_db_import()
     if once("forkguard.register_at_fork"):
         os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
 
 
 def uninstall_fork_guard() -> None:
-    """Turn the guard's handlers into no-ops (they cannot be unregistered)."""
+    """Turn the guard's handlers into no-ops (they cannot be unregistered). Tracking, once started,
+    stays: the exit and the server hooks use it too."""
     global _enabled
     _enabled = False
+    registry.stop_waiting_for_django_db()
 
 
 def fork_guard_installed() -> bool:

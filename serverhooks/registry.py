@@ -11,15 +11,29 @@ Nothing here imports `django.db` unless the process has already imported it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
+import sys
 import threading
 import weakref
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from serverhooks import _django, _internals, conf
 from serverhooks._log import describe_error, logger, remember_secret
 from serverhooks._process import once, state
 
-__all__ = ["all_wrappers", "close_wrapper", "start_tracking", "stop_tracking", "this_thread_wrappers"]
+__all__ = [
+    "all_wrappers",
+    "close_wrapper",
+    "start_tracking",
+    "stop_tracking",
+    "stop_waiting_for_django_db",
+    "this_thread_wrappers",
+    "track_from_django_db_import",
+]
 
 _TRACKING = "registry.tracking"
 
@@ -42,8 +56,11 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
         cursorguard.guard(connection)
 
 
-def start_tracking() -> None:
-    """Follow every new connection of this process; only once `django.db` is loaded. Idempotent."""
+def start_tracking(*, existing: bool = True) -> None:
+    """Follow every new connection of this process; only once `django.db` is loaded. Idempotent.
+
+    `existing=False` skips looking for this thread's open connections: while django.db is being
+    imported there are none, and looking would load the settings module."""
     if _django.loaded_db() is None or not once(_TRACKING):
         return
     from django.db.backends.signals import connection_created
@@ -55,9 +72,72 @@ def start_tracking() -> None:
         from serverhooks import transactions
 
         transactions.install()
-    for wrapper in this_thread_wrappers():
+    for wrapper in this_thread_wrappers() if existing else []:
         if wrapper.connection is not None:
             _on_connection_created(type(wrapper), wrapper)
+
+
+class _TrackOnImport(importlib.abc.MetaPathFinder):
+    """Starts tracking right after `django.db` is imported, by whoever imports it.
+
+    For a fork guard installed before that (a master, a manage.py, a settings module): importing
+    django.db ourselves would create Django's connection storage too early (before gevent patches
+    threading), and waiting until a fork would miss the connections other threads opened by then.
+    It finds nothing itself: it wraps the real loader of `django.db` only, then leaves sys.meta_path.
+    """
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "django.db":
+            return None
+        spec: importlib.machinery.ModuleSpec | None = None
+        for finder in [f for f in sys.meta_path if f is not self]:
+            find_spec = getattr(finder, "find_spec", None)
+            found = find_spec(fullname, path, target) if find_spec is not None else None
+            spec = found if isinstance(found, importlib.machinery.ModuleSpec) else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if loader is None or exec_module is None:
+            return None  # no loader we can wrap (Django has none such): the import goes on untouched
+
+        def exec_then_track(module: ModuleType) -> None:
+            exec_module(module)
+            stop_waiting_for_django_db()
+            try:  # django.db is in sys.modules already (importlib puts it there before exec_module)
+                start_tracking(existing=False)
+            except Exception as exc:  # never fail the user's import
+                logger.warning("serverhooks: tracking connections from django.db's import: %s", describe_error(exc))
+
+        loader.exec_module = exec_then_track  # type: ignore[method-assign]
+        return spec
+
+
+_waiting_for_django_db: _TrackOnImport | None = None
+
+
+def track_from_django_db_import() -> None:
+    """Start tracking now if `django.db` is loaded, else as soon as it is; never imports it."""
+    global _waiting_for_django_db
+    if _django.loaded_db() is not None:
+        start_tracking()
+        return
+    if _waiting_for_django_db is None:
+        _waiting_for_django_db = _TrackOnImport()
+        sys.meta_path.insert(0, _waiting_for_django_db)
+
+
+def stop_waiting_for_django_db() -> None:
+    """Undo a `track_from_django_db_import` that is still waiting (sys.meta_path as it was)."""
+    global _waiting_for_django_db
+    finder, _waiting_for_django_db = _waiting_for_django_db, None
+    if finder is not None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(finder)
 
 
 def stop_tracking() -> None:
@@ -92,8 +172,9 @@ def all_wrappers() -> list[Any]:
         wrapper = ref()
         if wrapper is not None:
             found.setdefault(id(wrapper), wrapper)
-    for wrapper, _raw in current.held_for_fork:
-        found.setdefault(id(wrapper), wrapper)
+    for held in list(current.held_for_fork.values()):
+        for wrapper, _raw in held:
+            found.setdefault(id(wrapper), wrapper)
     return list(found.values())
 
 

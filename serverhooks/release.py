@@ -28,6 +28,6 @@ def release_connections() -> int:
             if registry.close_wrapper(wrapper):
                 released += 1
         except Exception as exc:
-            state().counters.errors += 1
+            state().counters.add("errors", "")
             logger.warning("serverhooks: closing %r failed: %s", wrapper.alias, describe_error(exc))
     return released

@@ -17,7 +17,18 @@ import time
 import warnings
 from typing import Any
 
-from serverhooks import _django, _internals, conf, cursorguard, forkguard, greenlets, metrics, probe, registry
+from serverhooks import (
+    _django,
+    _internals,
+    conf,
+    cursorguard,
+    forkguard,
+    greenlets,
+    metrics,
+    probe,
+    registry,
+    transactions,
+)
 from serverhooks._log import describe_error, logger, redact
 from serverhooks._process import state
 from serverhooks.counters import stats
@@ -56,20 +67,26 @@ def prepare_worker(*, probe_databases: bool | None = None) -> None:
 def close_at_exit() -> None:
     """Exiting process: close its connections with a proper goodbye, log the counters.
 
-    A connection another thread is still inside a query on is waited for (EXIT_WAIT),
-    then left to the operating system and counted, rather than closed under that query.
+    A connection another thread is still using (inside a query, or inside a transaction) is
+    waited for (EXIT_WAIT), then left to the operating system and counted, rather than closed
+    under that thread: Django's close() inside atomic() makes the block end without an error
+    and without a commit, so a request could answer 200 with its writes gone. Left alone, the
+    transaction commits as written if the thread gets there, or the server rolls it back as a
+    whole when the process is gone.
     """
     if _django.loaded_db() is not None:
         counters = state().counters
         wrappers = registry.all_wrappers()
-        busy = _wait_until_idle(wrappers, conf.get("EXIT_WAIT"))
+        still_used = _wait_until_unused(wrappers, conf.get("EXIT_WAIT"))
         for wrapper in wrappers:
             described = _django.describe_alias(wrapper.alias, wrapper.settings_dict)
-            if id(wrapper) in busy:
+            inside = still_used.get(id(wrapper))
+            if inside is not None:
                 counters.add("busy_at_exit", wrapper.alias)
                 logger.warning(
-                    "serverhooks: at exit, another thread is still inside a query on %s after %s s; "
+                    "serverhooks: at exit, another thread is still inside %s on %s after %s s; "
                     "leaving that connection to the operating system.",
+                    inside,
                     described,
                     conf.get("EXIT_WAIT"),
                 )
@@ -78,7 +95,7 @@ def close_at_exit() -> None:
                 if registry.close_wrapper(wrapper):
                     counters.add("closed_at_exit", wrapper.alias)
             except Exception as exc:
-                counters.errors += 1
+                counters.add("errors", "")
                 logger.warning("serverhooks: closing database %s at exit failed: %s", described, describe_error(exc))
         for key, pool in list(_internals.postgres_pools().items()):
             try:
@@ -90,18 +107,30 @@ def close_at_exit() -> None:
     logger.log(level, "serverhooks: pid %d counters: %s", os.getpid(), redact(_format_counters()))
 
 
-def _wait_until_idle(wrappers: list[Any], seconds: float) -> set[int]:
-    """ids of the wrappers still inside a query in another thread after `seconds` (polled, bounded)."""
+def _in_transaction(wrapper: Any) -> bool:
+    """Is this connection inside a transaction (serverhooks.transactions.in_transaction)?"""
+    return transactions.in_transaction(wrapper)
+
+
+def _still_used(wrapper: Any, me: int) -> str | None:
+    """What another thread is inside of on `wrapper` ("a query", "a transaction"), or None."""
+    if wrapper.connection is None or _internals.thread_ident(wrapper) in (None, me):
+        return None
+    if cursorguard.busy(wrapper):
+        return "a query"
+    if _in_transaction(wrapper):
+        return "a transaction"
+    return None
+
+
+def _wait_until_unused(wrappers: list[Any], seconds: float) -> dict[int, str]:
+    """{id: what} of the wrappers another thread still uses after `seconds` (polled, bounded)."""
     me = threading.get_ident()
     deadline = time.monotonic() + seconds
     while True:
-        busy = {
-            id(w)
-            for w in wrappers
-            if w.connection is not None and _internals.thread_ident(w) not in (None, me) and cursorguard.busy(w)
-        }
-        if not busy or time.monotonic() >= deadline:
-            return busy
+        used = {id(w): inside for w in wrappers if (inside := _still_used(w, me)) is not None}
+        if not used or time.monotonic() >= deadline:
+            return used
         time.sleep(0.02)
 
 

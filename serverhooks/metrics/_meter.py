@@ -46,7 +46,7 @@ HELP: dict[str, str] = {
     "pool_wait_seconds": "Seconds pool checkouts spent waiting.",
     "closed_interrupted": "Connections closed because a query on them was cut short.",
     "closed_unhealthy": "Idle sessions the server had ended, closed before a request used them.",
-    "busy_at_exit": "Connections left open at exit because another thread was inside a query.",
+    "busy_at_exit": "Connections left open at exit because another thread was inside a query or a transaction.",
     "errors": "Close attempts (and hooks) that failed and were logged instead of raised.",
     "sessions_opened": "Database sessions opened (Django's connection_created), pooled or not.",
 }
@@ -57,8 +57,9 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 class MeteredCounters(Counters):
     """Counters whose increments also reach their Prometheus counters.
 
-    serverhooks' code keeps writing `counters.add(name, alias)` (or `counters.x += 1` where no
-    alias applies); only this class knows about metrics."""
+    serverhooks' code keeps writing `counters.add(name, alias)` (alias "" where none applies; a
+    plain `counters.x += 1` is mirrored too, but is not exact under threads); only this class
+    knows about metrics. add() stays the base class's, under its lock, then increments the child."""
 
     mirror: ClassVar[dict[str, Any]] = {}
     #: The labelled child of each (counter, alias), resolved once: an increment is one dict lookup more.

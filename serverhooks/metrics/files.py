@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import logging
 import math
 import os
 import re
@@ -21,7 +22,7 @@ import struct
 import time
 from collections.abc import Iterator
 
-from serverhooks._log import describe_error, logger
+from serverhooks._log import describe_error, logger, say_once
 
 __all__ = [
     "archive_name",
@@ -194,12 +195,14 @@ def compaction_lock(path: str, *, exclusive: bool, wait_seconds: float) -> Itera
         os.close(fd)  # releases the lock too
 
 
-def _summed_values(paths: list[str]) -> tuple[dict[str, float], list[str]]:
-    """Each key's value summed over `paths`; and the paths read (a vanished or unreadable file is skipped)."""
+def _summed_values(paths: list[str]) -> tuple[dict[str, float], list[str], dict[str, str]]:
+    """Each key's value summed over `paths`; the paths read; and why each path that exists could not
+    be read (a vanished file is neither)."""
     from prometheus_client.mmap_dict import MmapedDict
 
     parts: dict[str, list[float]] = {}
     read: list[str] = []
+    unreadable: dict[str, str] = {}
     for file_path in paths:
         try:
             if os.stat(file_path).st_size == 0:  # nothing ever written: merged as empty
@@ -208,13 +211,15 @@ def _summed_values(paths: list[str]) -> tuple[dict[str, float], list[str]]:
             entries = list(MmapedDict.read_all_values_from_file(file_path))  # type: ignore[no-untyped-call]
         except FileNotFoundError:
             continue
-        except (OSError, RuntimeError, struct.error) as exc:  # corrupted: left in place, as it was
-            logger.warning("serverhooks: metrics file %s is unreadable, not merged: %s", file_path, describe_error(exc))
+        # Corrupted (a bad length: RuntimeError or struct.error; a bad key: UnicodeDecodeError, a
+        # ValueError), or not ours to read: left in place, as it was.
+        except (OSError, RuntimeError, ValueError, struct.error) as exc:
+            unreadable[file_path] = describe_error(exc)
             continue
         for key, value, _timestamp, _position in entries:
             parts.setdefault(key, []).append(value)
         read.append(file_path)
-    return {key: _never_below_a_scrape(values) for key, values in parts.items()}, read
+    return {key: _never_below_a_scrape(values) for key, values in parts.items()}, read, unreadable
 
 
 def _never_below_a_scrape(values: list[float]) -> float:
@@ -235,7 +240,17 @@ def _merge_into_archive(path: str, metric_type: str, dead: list[str]) -> int:
     from prometheus_client.mmap_dict import MmapedDict
 
     archive = os.path.join(path, archive_name(metric_type))
-    totals, read = _summed_values([archive, *dead])
+    totals, read, unreadable = _summed_values([archive, *dead])
+    if _keeps_unreadable_archive(archive, unreadable):
+        return 0
+    for file_path, reason in unreadable.items():  # a dead file: it stays, and keeps counting
+        say_once(
+            f"metrics-unreadable-{file_path}",
+            logging.WARNING,
+            "serverhooks: metrics file %s is unreadable, not merged: %s",
+            file_path,
+            reason,
+        )
     merged = [file_path for file_path in read if file_path != archive]
     if not merged:
         return 0
@@ -257,6 +272,23 @@ def _merge_into_archive(path: str, metric_type: str, dead: list[str]) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(file_path)
     return len(merged)
+
+
+def _keeps_unreadable_archive(archive: str, unreadable: dict[str, str]) -> bool:
+    """True (and one WARNING per process) when the archive exists but cannot be read: a merge would
+    write a new archive without its totals over it, and every total would go backwards. Its type's
+    dead files then stay as they are (they keep counting) until the archive is readable again."""
+    if archive not in unreadable:
+        return False
+    say_once(
+        f"metrics-archive-unreadable-{archive}",
+        logging.WARNING,
+        "serverhooks: the metrics archive %s cannot be read (%s): dead workers' files are not merged into "
+        "it (they keep counting where they are) until it is restored or removed; no total goes backwards.",
+        archive,
+        unreadable[archive],
+    )
+    return True
 
 
 def compact_dead(path: str, *, at_least: int = COMPACT_AT) -> int:

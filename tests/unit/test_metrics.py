@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import subprocess
@@ -444,3 +445,137 @@ def test_empty_files_never_fail_serverhooks_scrape_and_dead_ones_go(tmp_path: Pa
     directory = tmp_path / "prom"
     directory.mkdir()
     run_script(EMPTY_FILES, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
+
+
+UNREADABLE_ARCHIVE = r"""
+import logging, os, struct
+from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
+from serverhooks.metrics import files
+
+path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+warnings = []
+
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+
+logging.getLogger("serverhooks").addHandler(Collect(logging.WARNING))
+if os.environ["ARM"] == "reverted":  # the control: the fix taken away
+    files._keeps_unreadable_archive = lambda archive, unreadable: False
+requests = Counter("app_requests", "Requests.")
+
+
+def lives(count, amount):
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            requests.inc(amount)
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def total():
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path)
+    text = generate_latest(registry).decode()
+    return float(text.split("\napp_requests_total ")[1].split()[0])
+
+
+def dead_counter_files():
+    mine = (files.archive_name("counter"), f"counter_{os.getpid()}.db")
+    return sorted(name for name in os.listdir(path) if name.startswith("counter_") and name not in mine)
+
+
+lives(3, 10)
+assert files.compact_dead(path, at_least=1) == 3 and total() == 30.0
+archive = os.path.join(path, files.archive_name("counter"))
+with open(archive, "rb") as f:
+    good = f.read()
+# The archive turns unreadable: its first entry's length points past the data (prometheus_client:
+# "Read beyond file size detected, file is corrupted").
+bad = good[:8] + struct.pack("i", 1 << 20) + good[12:]
+with open(archive, "wb") as f:
+    f.write(bad)
+lives(3, 5)
+first, second = files.compact_dead(path, at_least=1), files.compact_dead(path, at_least=1)
+left = len(dead_counter_files())
+with open(archive, "rb") as f:
+    kept = f.read() == bad
+if kept:  # what the operator does next: the archive restored, readable again
+    with open(archive, "wb") as f:
+        f.write(good)
+after = total()
+files.compact_dead(path, at_least=1)  # readable again: the merge goes on, totals exact
+print(dict(merged=[first, second], kept=kept, left=left, after=after, again=total(),
+           warnings=len(warnings), warning=warnings[0] if warnings else ""))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("arm", ["reverted", "fixed"])
+def test_an_unreadable_archive_is_never_overwritten(arm: str, tmp_path: Path) -> None:
+    """A merge that cannot read the archive wrote a new one from the dead files alone over it:
+    30 counted, then 15 (a counter reset to Prometheus, 30 counts gone for good). Now the merge of
+    that type waits, says so once, and every count survives (30 + 15 once the archive is back)."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    out = run_script(UNREADABLE_ARCHIVE, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory), ARM=arm)
+    result = ast.literal_eval(out.stdout.strip().splitlines()[-2])
+    print(result)
+    if arm == "reverted":
+        assert result["merged"] == [3, 0] and not result["kept"] and result["left"] == 0, result
+        assert result["after"] == result["again"] == 15.0, result  # 30 counts lost
+        return
+    assert result["merged"] == [0, 0] and result["kept"] and result["left"] == 3, result
+    assert result["after"] == result["again"] == 45.0, result
+    assert result["warnings"] == 1 and "counter_archive.db cannot be read" in result["warning"], result
+    assert "corrupted" in result["warning"], result
+
+
+METERED_THREADS = r"""
+import sys, threading, django
+django.setup()
+from prometheus_client import CollectorRegistry, multiprocess
+from serverhooks import _adapter, stats
+from serverhooks._process import state
+from serverhooks.metrics import _meter
+
+_adapter.worker_ready(first_worker_of_server=False)
+counters = state().counters
+assert isinstance(counters, _meter.MeteredCounters), type(counters)
+threads, each = 8, 5000
+start = threading.Barrier(threads, timeout=10)
+
+
+def checkouts():
+    start.wait()
+    for _ in range(each):
+        counters.add("pool_reused", "default")
+
+
+sys.setswitchinterval(1e-6)  # threads switch every microsecond: a lost update needs a switch inside add()
+workers = [threading.Thread(target=checkouts) for _ in range(threads)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join(30)
+sys.setswitchinterval(0.005)
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+scraped = {(s.name, s.labels.get("alias")): s.value for family in registry.collect() for s in family.samples}
+expected = threads * each
+assert stats()["pool_reused"] == expected, stats()["pool_reused"]
+assert counters.by_alias[("pool_reused", "default")] == expected
+assert scraped[("serverhooks_pool_reused_total", "default")] == expected, scraped
+print("ok")
+"""
+
+
+def test_metered_counters_count_exactly_under_threads(tmp_path: Path) -> None:
+    """The metered subclass keeps add()'s lock: stats(), the alias totals and the scrape all agree
+    on 40,000 checkouts counted by 8 threads (the unlocked control: tests/unit/test_counters.py)."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    run_script(METERED_THREADS, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(directory))
