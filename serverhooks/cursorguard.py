@@ -42,12 +42,17 @@ T = TypeVar("T")
 # Django's CursorWrapper: every call that may talk to the server. close() and nextset()
 # read what is left of a reply (PyMySQL and mysqlclient drain further result sets).
 _CURSOR_METHODS = ("execute", "executemany", "callproc", "fetchone", "fetchmany", "fetchall", "nextset", "close")
-# The DatabaseWrapper's own round trips, which no cursor sees.
-_WRAPPER_METHODS: tuple[str, ...] = ("_commit", "_rollback", "_set_autocommit", "is_usable")
+# The DatabaseWrapper's own round trips, which no cursor sees: the ones that end a transaction, and a ping.
+_ENDING_METHODS: tuple[str, ...] = ("_commit", "_rollback", "_set_autocommit")
+_WRAPPER_METHODS: tuple[str, ...] = (*_ENDING_METHODS, "is_usable")
 
 
 def run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`call(*args, **kwargs)` on `db`'s session, closing the session if an interrupt left it out of step."""
+    return _run(db, False, call, args, kwargs)
+
+
+def _run(db: Any, ends_transaction: bool, call: Callable[..., T], args: Any, kwargs: Any) -> T:
     db._serverhooks_busy = getattr(db, "_serverhooks_busy", 0) + 1
     try:
         return call(*args, **kwargs)
@@ -57,26 +62,40 @@ def run_guarded(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> T
         if not isinstance(exc, _database_errors) and not isinstance(exc, db.Database.Error):
             raw = db.connection
             if raw is not None and not db.closed_in_transaction and protocol.out_of_step(raw):
-                drop_interrupted(db, exc)
+                drop_interrupted(db, exc, ends_transaction=ends_transaction)
         raise
     finally:
         db._serverhooks_busy -= 1
 
 
-def drop_interrupted(db: Any, exc: BaseException) -> None:
-    """Close `db`'s session, which `exc` left out of step; inside a transaction, mark it lost."""
+def _guarded_end(db: Any, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A COMMIT, ROLLBACK or autocommit change: cut short, it ends the transaction anyway (the
+    interrupt says so); whether the server committed is the server's to say."""
+    return _run(db, True, call, args, kwargs)
+
+
+def drop_interrupted(db: Any, exc: BaseException, *, ends_transaction: bool = False) -> None:
+    """Close `db`'s session, which `exc` left out of step; inside a transaction, mark it lost.
+
+    `ends_transaction`: `exc` cut short the COMMIT, ROLLBACK or autocommit change that ends
+    it, and reaches the code that asked for that: nothing is left to mark.
+    """
     counters().add("closed_interrupted", db.alias)
     reason = f"a query was cut short by {describe_error(exc)}"
-    in_transaction = bool(db.in_atomic_block)
-    if in_transaction:
+    in_block = bool(db.in_atomic_block)
+    # autocommit off, outside atomic(): a transaction the code manages by hand
+    by_hand = not in_block and not ends_transaction and transactions.in_transaction(db)
+    if in_block:
         transactions.mark_lost(db, reason)
     logger.log(
-        logging.WARNING if in_transaction else logging.DEBUG,
+        logging.WARNING if in_block or by_hand else logging.DEBUG,
         "serverhooks: closing %r: %s, and its reply may still be on the way%s",
         db.alias,
         reason,
         "; the open transaction is rolled back: its atomic() block raises TransactionLost at its exit"
-        if in_transaction
+        if in_block
+        else "; the open transaction is rolled back: its next query or commit() raises TransactionLost"
+        if by_hand
         else "",
     )
     try:
@@ -85,6 +104,8 @@ def drop_interrupted(db: Any, exc: BaseException) -> None:
         logger.debug("serverhooks: closing an interrupted connection: %s", describe_error(close_error))
     if not db.in_atomic_block:
         db.connection = None
+        if by_hand:
+            transactions.stand_in_for_lost_session(db, reason)
 
 
 def _guarded_method(name: str) -> Callable[..., Any]:
@@ -158,7 +179,8 @@ def guard(db: Any) -> None:
     for name in _WRAPPER_METHODS:
         own = getattr(cls, name, None)
         if own is not None:
-            setattr(db, name, functools.partial(run_guarded, db, functools.partial(own, db)))
+            runner = _guarded_end if name in _ENDING_METHODS else run_guarded
+            setattr(db, name, functools.partial(runner, db, functools.partial(own, db)))
 
 
 def unguard(db: Any) -> None:

@@ -11,6 +11,12 @@ So serverhooks wraps `Atomic.__exit__`: the outermost block of a transaction who
 serverhooks dropped raises `TransactionLost` (an `OperationalError`) when no other exception
 is already on its way out. Its message says what cut the transaction short.
 
+A transaction managed by hand (`set_autocommit(False)`, outside atomic()) has no block to
+raise at. There Django would reconnect at the next query, in autocommit, and `commit()`
+would do nothing: the writes before the interrupt gone, those after it committed one by
+one. So the closed session is replaced by a `LostSession`: every query and `commit()` raise
+`TransactionLost` until the code rolls back (or the connection is closed).
+
 `TransactionLost` is made on first use: defining it imports `django.db`, which a server's
 master must not do at import (see serverhooks._django).
 """
@@ -28,7 +34,16 @@ if TYPE_CHECKING:  # at run time the class is made on first use (see _transactio
         """serverhooks closed this transaction's session: none of its writes were committed."""
 
 
-__all__ = ["TransactionLost", "forget_lost", "in_transaction", "install", "mark_lost", "uninstall"]
+__all__ = [
+    "LostSession",
+    "TransactionLost",
+    "forget_lost",
+    "in_transaction",
+    "install",
+    "mark_lost",
+    "stand_in_for_lost_session",
+    "uninstall",
+]
 
 _LOST = "_serverhooks_lost"
 _install_lock = threading.Lock()
@@ -57,11 +72,15 @@ def __getattr__(name: str) -> Any:
 
 
 def in_transaction(wrapper: Any) -> bool:
-    """Is this connection inside a transaction: an atomic() block, or autocommit turned off?
+    """Is this connection inside a transaction: an atomic() block, or autocommit turned off by hand?
 
-    Read from Django's own flags: no round trip, and no connect (`get_autocommit()` would).
+    Read from Django's own flags, so from any thread: no round trip, and no connect
+    (`get_autocommit()` would). With `AUTOCOMMIT: False` in the settings every connection is
+    always in one; there only atomic() blocks count, as at a request's end in Django.
     """
-    return bool(wrapper.in_atomic_block) or (wrapper.connection is not None and not wrapper.autocommit)
+    if wrapper.in_atomic_block:
+        return True
+    return wrapper.connection is not None and wrapper.autocommit != wrapper.settings_dict["AUTOCOMMIT"]
 
 
 def mark_lost(wrapper: Any, reason: str) -> None:
@@ -73,6 +92,56 @@ def forget_lost(wrapper: Any) -> str | None:
     """Drop the mark (the block ended, or the wrapper is being reset); returns the reason, if any."""
     reason: str | None = vars(wrapper).pop(_LOST, None)
     return reason
+
+
+class LostSession:
+    """Stands in for the DB-API connection of a hand-managed transaction serverhooks closed.
+
+    Django calls it as it calls a driver's connection. Anything that would go on with the
+    transaction (a cursor, `commit()`, turning autocommit back on) raises `TransactionLost`;
+    `rollback()` and `close()` end it, and the next query opens a new session.
+    """
+
+    _wrapper: Any
+    _reason: str
+
+    def __init__(self, wrapper: Any, reason: str) -> None:
+        object.__setattr__(self, "_wrapper", wrapper)
+        object.__setattr__(self, "_reason", reason)
+
+    def _lost(self) -> Exception:
+        return _transaction_lost()(
+            f"serverhooks: the transaction on database {self._wrapper.alias!r} (autocommit off) was rolled "
+            f"back and none of its writes were committed: {self._reason}, so serverhooks closed its session. "
+            "Roll back (transaction.rollback()) and retry it."
+        )
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._lost()
+
+    def commit(self) -> None:
+        raise self._lost()
+
+    def autocommit(self, *args: Any) -> None:  # MySQL's drivers switch autocommit with a call
+        raise self._lost()
+
+    def rollback(self) -> None:
+        self._end()
+
+    def close(self) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self._wrapper.connection is self:
+            self._wrapper.connection = None
+
+    def __setattr__(self, name: str, value: Any) -> None:  # psycopg's and SQLite's autocommit
+        raise self._lost()
+
+
+def stand_in_for_lost_session(wrapper: Any, reason: str) -> None:
+    """After a hand-managed transaction's session was closed: make its next use fail loudly."""
+    wrapper.connection = LostSession(wrapper, reason)
 
 
 def _exit_raising_if_lost(self: Any, exc_type: Any, exc_value: Any, traceback: Any) -> Any:

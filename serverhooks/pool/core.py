@@ -231,6 +231,8 @@ class Pool:
     def _make_clean(self, wrapper: Any) -> bool:
         """Leave no transaction, autocommit change or broken session behind; False: drop it."""
         transactions.forget_lost(wrapper)
+        if isinstance(wrapper.connection, transactions.LostSession):
+            wrapper.connection = None  # its session is gone already; the next use connects anew
         if wrapper.in_atomic_block:
             # Only a unit that died inside atomic() gets here: Django's bookkeeping for that
             # block cannot be unwound, so the wrapper goes, and its session too.

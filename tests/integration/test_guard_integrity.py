@@ -84,6 +84,12 @@ def test_the_guard_keeps_what_plain_django_keeps_and_fails_loudly_otherwise(driv
         assert caught["cut"] and caught["rows"] == 0 and caught["closed_interrupted"] == 1, caught
         assert caught["error"].startswith("TransactionLost: "), caught
         assert control["caught_interrupt_inside_atomic"]["error"] is None  # before: silence
+        # The same with autocommit off, outside atomic(): before, the second row was committed on
+        # a new session in autocommit and commit() did nothing (half a transaction, no error).
+        by_hand = fixed["caught_interrupt_in_a_transaction_managed_by_hand"]
+        assert by_hand["error"].startswith("TransactionLost: ") and by_hand["rows"] == 0, by_hand
+        by_hand_before = control["caught_interrupt_in_a_transaction_managed_by_hand"]
+        assert (by_hand_before["error"], by_hand_before["second_row"]) == (None, 1), by_hand_before
         propagated = fixed["interrupt_propagates_out_of_atomic"]
         assert propagated["error"] == "Cut: " and propagated["rows"] == 0 and propagated["follow_up_error"] is None
 

@@ -191,6 +191,36 @@ def caught_interrupt_inside_atomic() -> dict[str, Any]:
     return {"error": _error(work), "rows": _committed([marker]), **seen}
 
 
+def caught_interrupt_in_a_transaction_managed_by_hand() -> dict[str, Any]:
+    """autocommit off, outside atomic(): a row, a query cut short and caught, a second row, commit()."""
+    from django.db import connection, transaction
+
+    from tests.project.models import Hit
+
+    markers = [_marker(), _marker()]
+    seen: dict[str, Any] = {"cut": False}
+
+    def work() -> None:
+        transaction.set_autocommit(False)
+        try:
+            Hit.objects.create(marker=markers[0], pid=os.getpid())
+            try:
+                with cut_after(0.15), connection.cursor() as cursor:
+                    cursor.execute(SLEEP[connection.vendor])
+            except Cut:
+                seen["cut"] = True
+            Hit.objects.create(marker=markers[1], pid=os.getpid())
+            transaction.commit()
+        except BaseException:
+            transaction.rollback()
+            raise
+        finally:
+            transaction.set_autocommit(True)
+
+    error = _error(work)
+    return {"error": error, "rows": _committed(markers), "second_row": _committed(markers[1:]), **seen}
+
+
 def interrupt_propagates_out_of_atomic() -> dict[str, Any]:
     """The interrupt is not caught inside the block: it propagates, unchanged, and nothing is committed."""
     from django.db import connection, transaction
@@ -266,6 +296,7 @@ CASES = {
         skip_bad_rows,
         caught_adaptation_error_inside_atomic,
         caught_interrupt_inside_atomic,
+        caught_interrupt_in_a_transaction_managed_by_hand,
         interrupt_propagates_out_of_atomic,
         interrupted_commit,
     )
