@@ -151,8 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
         "EXIT_WAIT",
         5.0,
         _parse_seconds,
-        "Seconds a worker's exit waits for other threads still inside a query before it closes their "
-        "connections; those still busy then are left to the operating system, and counted.",
+        "Seconds a worker's exit waits for other threads still inside a query or a transaction before it "
+        "closes their connections; those still busy then are left to the operating system, and counted.",
     ),
     Setting(
         "METRICS",
