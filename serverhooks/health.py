@@ -39,7 +39,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from serverhooks import conf, sockets
+from serverhooks import conf, sockets, transactions
 from serverhooks._log import describe_error, logger
 from serverhooks.counters import counters
 
@@ -216,9 +216,14 @@ def _notice_ends_session(body: bytes) -> bool:
 
 
 def close_if_ended(wrapper: Any) -> bool:
-    """Close a Django connection whose session the server ended; Django reconnects on first use."""
+    """Close a Django connection whose session the server ended; Django reconnects on first use.
+
+    Not inside a transaction (atomic(), or autocommit off by hand): a reconnect there would
+    carry on in autocommit on a new session, and the writes before it would vanish in silence.
+    Left alone, the transaction's next query fails loudly, as without serverhooks.
+    """
     raw = wrapper.connection
-    if raw is None or wrapper.in_atomic_block or not session_ended(raw, wrapper):
+    if raw is None or transactions.in_transaction(wrapper) or not session_ended(raw, wrapper):
         return False
     counters().add("closed_unhealthy", wrapper.alias)
     logger.debug("serverhooks: the server ended an idle %r session; reconnecting on first use", wrapper.alias)

@@ -93,6 +93,16 @@ def test_the_guard_keeps_what_plain_django_keeps_and_fails_loudly_otherwise(driv
         propagated = fixed["interrupt_propagates_out_of_atomic"]
         assert propagated["error"] == "Cut: " and propagated["rows"] == 0 and propagated["follow_up_error"] is None
 
+    if driver != "sqlite":
+        # The server ended the session of a transaction managed by hand; then the idle-session
+        # check ran (a Celery task's start). Before, it closed the session, and the next write
+        # went in autocommit on a new one: half a transaction, no error. Now the transaction's
+        # next query fails, as without serverhooks.
+        ended = fixed["ended_session_in_a_transaction_managed_by_hand"]
+        assert ended["ended"] >= 1 and ended["error"] is not None and ended["rows"] == 0, ended
+        ended_before = control["ended_session_in_a_transaction_managed_by_hand"]
+        assert (ended_before["error"], ended_before["second_row"]) == (None, 1), ended_before
+
     if driver in CUT_MID_COMMIT:
         # COMMIT went out, its reply never read: the block raises, the rows are all there or none,
         # and the next query runs on a new session instead of reading that reply.

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -221,6 +222,56 @@ def caught_interrupt_in_a_transaction_managed_by_hand() -> dict[str, Any]:
     return {"error": error, "rows": _committed(markers), "second_row": _committed(markers[1:]), **seen}
 
 
+def _end_session_from_outside(connection: Any) -> int:
+    """KILL / pg_terminate_backend this connection's session, from another session (any driver)."""
+    from django.db import connections
+
+    with connection.cursor() as cursor:
+        cursor.execute({"mysql": "SELECT CONNECTION_ID()", "postgresql": "SELECT pg_backend_pid()"}[connection.vendor])
+        session = int(cursor.fetchone()[0])
+    admin = connections.create_connection("default")
+    try:
+        with admin.cursor() as cursor:
+            if connection.vendor == "mysql":
+                cursor.execute(f"KILL {session}")
+            else:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [session])
+        return 1
+    finally:
+        admin.close()
+
+
+def ended_session_in_a_transaction_managed_by_hand() -> dict[str, Any]:
+    """autocommit off: a row, the server ends the session, the idle-session check runs (a Celery
+    task's start, a release="thread" task's start), a second row, commit()."""
+    from django.db import connection, transaction
+
+    from serverhooks import health
+    from tests.project.models import Hit
+
+    markers = [_marker(), _marker()]
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        transaction.set_autocommit(False)
+        try:
+            Hit.objects.create(marker=markers[0], pid=os.getpid())
+            seen["ended"] = _end_session_from_outside(connection)
+            time.sleep(0.3)  # the server's close reaches the socket
+            seen["closed_by_check"] = health.close_ended_in_this_thread()
+            Hit.objects.create(marker=markers[1], pid=os.getpid())
+            transaction.commit()
+        except BaseException:
+            transaction.rollback()
+            raise
+        finally:
+            transaction.set_autocommit(True)
+
+    error = _error(work)
+    connection.close()  # the session this case ended: the next case starts on a new one
+    return {"error": error, "rows": _committed(markers), "second_row": _committed(markers[1:]), **seen}
+
+
 def interrupt_propagates_out_of_atomic() -> dict[str, Any]:
     """The interrupt is not caught inside the block: it propagates, unchanged, and nothing is committed."""
     from django.db import connection, transaction
@@ -297,6 +348,7 @@ CASES = {
         caught_adaptation_error_inside_atomic,
         caught_interrupt_inside_atomic,
         caught_interrupt_in_a_transaction_managed_by_hand,
+        ended_session_in_a_transaction_managed_by_hand,
         interrupt_propagates_out_of_atomic,
         interrupted_commit,
     )
