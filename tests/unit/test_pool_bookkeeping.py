@@ -24,7 +24,7 @@ from tests.support import procs
 pytestmark = pytest.mark.core
 
 
-def interleave(tmp_path: Path, **env: str) -> dict[str, Any]:
+def run_support(module: str, tmp_path: Path, **env: str) -> dict[str, Any]:
     full_env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.project.settings",
@@ -32,7 +32,7 @@ def interleave(tmp_path: Path, **env: str) -> dict[str, Any]:
         **env,
     }
     out = subprocess.run(
-        [sys.executable, "-m", "tests.support.pool_interleaving"],
+        [sys.executable, "-m", module],
         cwd=procs.REPO,
         env=full_env,
         capture_output=True,
@@ -45,8 +45,19 @@ def interleave(tmp_path: Path, **env: str) -> dict[str, Any]:
 
 
 def test_a_scan_that_saw_a_dead_holder_never_takes_a_live_units_connection(tmp_path: Path) -> None:
-    control = interleave(tmp_path, POOL_CONTROL="1")
+    control = run_support("tests.support.pool_interleaving", tmp_path, POOL_CONTROL="1")
     assert control == {"id_reused": True, "shared": True}, control  # the race, reproduced
-    fixed = interleave(tmp_path)
+    fixed = run_support("tests.support.pool_interleaving", tmp_path)
     # Held units are the pool's keys, so a holder's id cannot be reused while it holds.
     assert fixed == {"id_reused": False, "shared": False}, fixed
+
+
+def test_threads_not_started_by_threading_give_their_slots_back_as_they_end(tmp_path: Path) -> None:
+    """tests/support/pool_thread_ends.py: `_thread` threads and C pthreads end holding a connection.
+
+    The control (the bookkeeping as it was) keeps their slots: nothing told the pool they ended,
+    and on Python 3.11 and 3.12 a scan never finds them either (`is_alive()` stays True)."""
+    control = run_support("tests.support.pool_thread_ends", tmp_path, POOL_CONTROL="1")
+    assert control == {"held_after_the_threads_ended": 3, "reclaimed": 0}, control
+    fixed = run_support("tests.support.pool_thread_ends", tmp_path)
+    assert fixed == {"held_after_the_threads_ended": 0, "reclaimed": 3}, fixed
