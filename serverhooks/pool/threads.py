@@ -50,7 +50,10 @@ class ThreadWaiter:
         return threading.current_thread()
 
     def is_dead(self, unit: Any) -> bool:
-        return not unit.is_alive()
+        try:
+            return not unit.is_alive()
+        except RuntimeError:  # Python 3.13's _DummyThread says "thread is not alive" this way
+            return True
 
     def on_death(self, unit: Any, callback: Callable[[Any], None]) -> bool:
         if unit is not threading.current_thread():
