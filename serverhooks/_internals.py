@@ -202,18 +202,29 @@ def track_pymysql_replies() -> None:
     if any(original is None for original in originals.values()):
         return
     send, read_result, read_ok = (originals[name] for name in names)
+    # An error reply ends a reply too. (A lost connection is an error as well, but PyMySQL has
+    # then dropped its socket, which pymysql_socket() shows.)
+    server_error: type[BaseException] = getattr(sys.modules.get("pymysql.err"), "MySQLError", Exception)
 
     def _execute_command(self: Any, *args: Any, **kwargs: Any) -> Any:
         setattr(self, _PYMYSQL_REPLIED, False)
         return send(self, *args, **kwargs)
 
     def _read_query_result(self: Any, *args: Any, **kwargs: Any) -> Any:
-        affected = read_result(self, *args, **kwargs)
+        try:
+            affected = read_result(self, *args, **kwargs)
+        except server_error:
+            setattr(self, _PYMYSQL_REPLIED, True)
+            raise
         setattr(self, _PYMYSQL_REPLIED, True)
         return affected
 
     def _read_ok_packet(self: Any, *args: Any, **kwargs: Any) -> Any:
-        ok = read_ok(self, *args, **kwargs)
+        try:
+            ok = read_ok(self, *args, **kwargs)
+        except server_error:
+            setattr(self, _PYMYSQL_REPLIED, True)
+            raise
         setattr(self, _PYMYSQL_REPLIED, True)
         return ok
 

@@ -119,6 +119,33 @@ def caught_refusal_inside_atomic() -> dict[str, Any]:
     return {"error": _error(work), "rows": _committed([marker])}
 
 
+def refused_after_a_caught_database_error() -> dict[str, Any]:
+    """A database error's reply (a duplicate key) read and caught; then a refused query, caught:
+    the protocol is in step all along, so the block ends as in plain Django (MySQL commits the row;
+    PostgreSQL aborted the transaction at the error)."""
+    from django.db import IntegrityError, connection, transaction
+
+    from tests.project.models import Hit
+
+    marker = _marker()
+
+    def work() -> None:
+        with transaction.atomic():
+            Hit.objects.create(marker=marker, pid=os.getpid())
+            try:  # no savepoint: MySQL goes on with the transaction after a duplicate key
+                with connection.cursor() as cursor:
+                    cursor.execute("INSERT INTO sh_hit (id, marker, pid) SELECT id, marker, pid FROM sh_hit LIMIT 1")
+            except IntegrityError:
+                pass
+            try:
+                with connection.execute_wrapper(refuse):
+                    Hit.objects.filter(marker=marker).exists()
+            except Refused:
+                pass
+
+    return {"error": _error(work), "rows": _committed([marker])}
+
+
 def skip_bad_rows() -> dict[str, Any]:
     """The usual import loop: a savepoint per row, rows the driver refuses are skipped."""
     from django.db import connection, transaction
@@ -344,6 +371,7 @@ CASES = {
     case.__name__: case
     for case in (
         caught_refusal_inside_atomic,
+        refused_after_a_caught_database_error,
         skip_bad_rows,
         caught_adaptation_error_inside_atomic,
         caught_interrupt_inside_atomic,
