@@ -250,12 +250,45 @@ def close_ended_in_this_thread() -> int:
 
 
 def _close_if_unusable_obsolete_or_ended(wrapper: Any, django_own: Callable[[Any], None]) -> None:
+    if wrapper.in_atomic_block and not wrapper.atomic_blocks:
+        _unwedge(wrapper)
     django_own(wrapper)
     if wrapper.connection is not None and conf.get("CHECK_IDLE_SESSIONS"):
         try:
             close_if_ended(wrapper)
         except Exception as exc:  # never fail a request over the check itself
             logger.debug("serverhooks: checking %r: %s", wrapper.alias, describe_error(exc))
+
+
+def _unwedge(wrapper: Any) -> None:
+    """Reset a connection that says it is inside atomic() when no block is open, at a unit's edge.
+
+    Django leaves one so when the session dies inside a block: the block's exit fails to turn
+    autocommit back on, so the next `atomic()` takes the connection for a hand-managed
+    transaction and fails halfway in, with `in_atomic_block` set and no block to clear it.
+    Django's own close() then marks it closed in a transaction, and every later request on that
+    thread fails ("You can't execute queries until the end of the 'atomic' block") for good. No
+    block can end there, so nothing is lost by resetting it: the next use connects anew.
+    """
+    counters().add("closed_unhealthy", wrapper.alias)
+    logger.warning(
+        "serverhooks: %r was left inside an atomic() block that no longer exists (its session died in a "
+        "transaction); closing it, so the next request gets a new session",
+        wrapper.alias,
+    )
+    raw, wrapper.connection = wrapper.connection, None
+    if raw is not None:
+        try:
+            raw.close()
+        except Exception as exc:  # a dead session: nothing to say goodbye to
+            logger.debug("serverhooks: closing a wedged connection: %s", describe_error(exc))
+    # What Django's connect() resets, so that get_autocommit() and atomic() start from scratch.
+    wrapper.in_atomic_block = False
+    wrapper.savepoint_ids = []
+    wrapper.atomic_blocks = []
+    wrapper.needs_rollback = False
+    wrapper.closed_in_transaction = False
+    wrapper.run_on_commit = []
 
 
 def watch(wrapper: Any) -> None:

@@ -138,3 +138,34 @@ def test_control_plain_django_under_faults(family: str, fresh_database: Callable
     # requests fails the next one (no idle-session check).
     assert kinds.get("session-reused"), kinds
     assert any(kind.startswith("outcome:") for kind in kinds), kinds
+
+
+WEDGED = [
+    {"kind": "enter", "n": 1},
+    {"kind": "kill"},
+    {"kind": "insert", "key": 0, "via": "raw"},
+    {"kind": "exit"},
+    {"kind": "enter", "n": 1},
+    {"kind": "unit"},
+    {"kind": "insert", "key": 0, "via": "orm"},
+]
+
+
+@pytest.mark.parametrize("mode", ["django", "plain"])
+def test_a_session_that_died_in_a_block_does_not_wedge_the_next_requests(
+    mode: str, fresh_database: Callable[[str], str]
+) -> None:
+    """Found by the long run: the server ends a session inside atomic(); the block's exit fails to
+    turn autocommit back on, the next atomic() fails halfway in and leaves the connection inside a
+    block that no longer exists. Plain Django (mode "django", the control) then fails every later
+    request of that thread; serverhooks resets the connection at the next request's start."""
+    command = [sys.executable, "-m", "tests.support.integrity", "--mode", mode, "--database", "mysql"]
+    command += ["--dbname", fresh_database("mysql"), "--replay", json.dumps(WEDGED)]
+    out = subprocess.run(command, cwd=procs.REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == (1 if mode == "django" else 0), out.stdout[-4000:] + out.stderr[-4000:]
+    violations = json.loads(out.stdout.splitlines()[-1])["violations"]
+    if mode == "django":
+        assert [v["kind"] for v in violations] == ["outcome:insert"], violations
+        assert "TransactionManagementError" in violations[0]["message"]
+    else:
+        assert violations == [], violations
