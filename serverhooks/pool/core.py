@@ -20,7 +20,6 @@ from __future__ import annotations
 import _thread
 import threading
 import time
-import weakref
 from typing import Any, Protocol
 
 from serverhooks import _internals, conf, cursorguard, health, transactions
@@ -64,7 +63,9 @@ class Waiter(Protocol):
         """Has this unit of work ended (so what it holds can be reclaimed)?"""
 
     def on_death(self, unit: Any, callback: Any) -> bool:
-        """Ask to be told when `unit` ends; False where that kind of unit cannot tell."""
+        """Ask to be told when `unit` ends; False where that kind of unit cannot tell.
+
+        Asked at every checkout: the waiter registers once per unit's life and callback owner."""
 
 
 #: Tests switch this on: every change of who holds what then checks, under the pool's lock,
@@ -101,7 +102,6 @@ class Pool:
         self._idle: list[Any] = []
         self._reclaimed: list[Any] = []  # from dead units of work: cleaned by the next checkout
         self._holders: dict[Any, list[Any]] = {}
-        self._linked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_timeout_logged = float("-inf")
         if observer is not None:  # its sampler reports occupancy(); requests write no metric
             observer.pool_created(self)
@@ -267,8 +267,7 @@ class Pool:
             if invariant_checks:
                 self._check_free_locked(wrapper)
             self._holders.setdefault(unit, []).append(wrapper)
-        if unit not in self._linked and self.waiter.on_death(unit, self._on_unit_death):
-            self._linked.add(unit)
+        self.waiter.on_death(unit, self._on_unit_death)
 
     def _unhold(self, wrapper: Any) -> bool:
         """Remove `wrapper` from the current unit's holding; False if it is not there."""

@@ -6,6 +6,7 @@ from the worker-ready hook.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,12 +31,21 @@ class GreenletWaiter:
     def is_dead(self, unit: Any) -> bool:
         return bool(unit.dead)
 
+    def __init__(self) -> None:
+        # Which pools each greenlet already told of its death: a keep-alive client's greenlet
+        # checks out once per request, and must not pile up a link per checkout.
+        self._linked: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+
     def on_death(self, unit: Any, callback: Callable[[Any], None]) -> bool:
         # gevent Greenlets (gevent.spawn, each client of a gevent server) say when they die:
         # what they held comes back at the next hub turn. Raw greenlets cannot.
         if not hasattr(unit, "rawlink"):
             return False
-        unit.rawlink(callback)
+        told = self._linked.setdefault(unit, set())
+        owner = id(getattr(callback, "__self__", callback))
+        if owner not in told:
+            told.add(owner)
+            unit.rawlink(callback)
         return True
 
 

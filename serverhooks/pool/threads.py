@@ -58,10 +58,17 @@ class ThreadWaiter:
     def on_death(self, unit: Any, callback: Callable[[Any], None]) -> bool:
         if unit is not threading.current_thread():
             return False  # only a thread's own storage ends with it
+        # Once per thread and pool, kept in the thread's own storage: not per Thread object,
+        # since before Python 3.13 a thread not started by `threading` gets the _DummyThread of
+        # an earlier one whose ident it reuses, and must be told of in its own right.
         token = getattr(self._local, "end", None)
         if token is None:
             token = self._local.end = _EndOfThread()
-        weakref.finalize(token, callback, unit).atexit = False  # at shutdown there is nothing to give back to
+            self._local.told = set()
+        owner = id(getattr(callback, "__self__", callback))
+        if owner not in self._local.told:
+            self._local.told.add(owner)
+            weakref.finalize(token, callback, unit).atexit = False  # at shutdown there is nothing to give back to
         return True
 
 

@@ -45,8 +45,9 @@ def _hold(self: Any, wrapper: Any) -> None:
         holding = holdings[id(unit)] = _Holding(weakref.ref(unit), [])
     holding.wrappers.append(wrapper)
     self._holders[id(unit)] = holding.wrappers  # so that today's invariant checks see them
-    if unit not in self._linked and self.waiter.on_death(unit, self._on_unit_death):
-        self._linked.add(unit)
+    linked = vars(self).setdefault("_linked", weakref.WeakSet())
+    if unit not in linked and self.waiter.on_death(unit, self._on_unit_death):
+        linked.add(unit)
 
 
 def _unhold(self: Any, wrapper: Any) -> bool:

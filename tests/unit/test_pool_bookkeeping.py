@@ -58,6 +58,8 @@ def test_threads_not_started_by_threading_give_their_slots_back_as_they_end(tmp_
     The control (the bookkeeping as it was) keeps their slots: nothing told the pool they ended,
     and on Python 3.11 and 3.12 a scan never finds them either (`is_alive()` stays True)."""
     control = run_support("tests.support.pool_thread_ends", tmp_path, POOL_CONTROL="1")
-    assert control == {"held_after_the_threads_ended": 3, "reclaimed": 0}, control
+    # Python 3.13 forgets a _DummyThread when its thread ends: the old scan then finds the slots
+    # of the sequential pthreads when the pool runs dry; before 3.13 they are lost for good.
+    assert control["held_after_the_threads_ended"] >= 2, control
     fixed = run_support("tests.support.pool_thread_ends", tmp_path)
-    assert fixed == {"held_after_the_threads_ended": 0, "reclaimed": 3}, fixed
+    assert fixed == {"held_after_the_threads_ended": 0, "reclaimed": 7, "failed": []}, fixed
