@@ -43,10 +43,17 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[Finding], list[live.P
     findings: list[Finding] = []
     processes = None
     if args.pid is not None:
-        kind, processes = live.inspect(args.pid, extra_ports=django_settings.database_ports())
-        header.append(f"serverhooks doctor: live {kind} master {args.pid} and {len(processes) - 1} worker(s)")
-        findings += live.shared_socket_findings(kind, processes)
-        return header, findings, processes
+        seen = live.inspect(
+            args.pid, extra_ports=django_settings.database_ports(), extra_paths=django_settings.database_socket_paths()
+        )
+        deeper = len(seen.processes) - 1 - seen.workers
+        header.append(
+            f"serverhooks doctor: live {seen.kind} master {args.pid} and {seen.workers} worker(s)"
+            + (f", {deeper} process(es) below them" if deeper > 0 else "")
+        )
+        header += seen.notes
+        findings += live.shared_socket_findings(seen.kind, seen.processes)
+        return header, findings, seen.processes
     config = args.config or (
         "gunicorn.conf.py" if not (args.ini or args.celery_app) and os.path.exists("gunicorn.conf.py") else None
     )

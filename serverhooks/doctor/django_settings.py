@@ -14,7 +14,9 @@ import sys
 from typing import Any
 
 from serverhooks._log import describe_error, redact
+from serverhooks.doctor import pooler
 from serverhooks.doctor.findings import DoctorError
+from serverhooks.doctor.pooler import Pooler
 
 
 @dataclasses.dataclass
@@ -29,6 +31,13 @@ class Database:
     wait_timeout: int | None = None
     max_connections: int | None = None
     live_error: str | None = None
+    host: str = ""
+    port: int | None = None
+    name: str = ""
+    server_side_cursors: bool = True  # not DISABLE_SERVER_SIDE_CURSORS: .iterator() uses named cursors
+    prepares_statements: bool = False  # psycopg 3, server_side_binding and a numeric prepare_threshold
+    prepare_threshold: int | None = None
+    pooler: Pooler | None = None  # a transaction pooler in between (see pooler.py)
 
 
 @dataclasses.dataclass
@@ -92,15 +101,29 @@ def read_django(live: bool, set_up: bool = True) -> Django | None:
         settings_dict = connections.settings[alias]
         engine = str(settings_dict.get("ENGINE", ""))
         vendor = next((v for v in ("mysql", "postgresql", "sqlite") if v in engine), "other")
+        options = settings_dict.get("OPTIONS") or {}
+        port = str(settings_dict.get("PORT") or "")
+        threshold = options.get("prepare_threshold")
         database = Database(
             alias=alias,
             vendor=vendor,
             driver=_driver(vendor),
             conn_max_age=settings_dict.get("CONN_MAX_AGE", 0),
             health_checks=bool(settings_dict.get("CONN_HEALTH_CHECKS")),
-            django_pool=bool(settings_dict.get("OPTIONS", {}).get("pool")),
+            django_pool=bool(options.get("pool")),
             described=redact(_django.describe_alias(alias, settings_dict), [str(settings_dict.get("PASSWORD", ""))]),
+            host=str(settings_dict.get("HOST") or ""),
+            port=int(port) if port.isdigit() else None,
+            name=str(settings_dict.get("NAME") or ""),
+            server_side_cursors=not settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"),
+            # Django's defaults prepare nothing: client-side binding, prepare_threshold None.
+            prepares_statements=bool(options.get("server_side_binding"))
+            and isinstance(threshold, int)
+            and not isinstance(threshold, bool),
+            prepare_threshold=threshold if isinstance(threshold, int) else None,
         )
+        if vendor == "postgresql":
+            database.pooler = pooler.from_settings(database.host, database.port)
         if live and vendor in ("mysql", "postgresql"):
             _read_live(connections[alias], database)
         databases.append(database)
@@ -140,21 +163,59 @@ def database_ports() -> dict[int, str]:
     return ports
 
 
+def database_socket_paths() -> dict[str, str]:
+    """{Unix socket path: vendor} of the databases in DJANGO_SETTINGS_MODULE whose HOST is a path.
+
+    Live mode recognises the usual paths by their names; these add one by another name.
+    """
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return {}
+    importable_from_here()
+    try:
+        from django.conf import settings
+
+        configured = dict(settings.DATABASES)
+    except Exception:
+        return {}
+    paths: dict[str, str] = {}
+    for settings_dict in configured.values():
+        engine = str(settings_dict.get("ENGINE", ""))
+        host = str(settings_dict.get("HOST") or "")
+        options = settings_dict.get("OPTIONS") or {}
+        if "postgresql" in engine and host.startswith("/"):
+            paths[f"{host.rstrip('/')}/.s.PGSQL.{settings_dict.get('PORT') or 5432}"] = "postgresql"
+        elif "mysql" in engine:
+            for path in (host, str(options.get("unix_socket") or "")):
+                if path.startswith("/"):
+                    paths[path] = "mysql"
+    return paths
+
+
 def _read_live(wrapper: Any, database: Database) -> None:
-    """wait_timeout and max_connections from the server itself; never fails the doctor."""
+    """wait_timeout, max_connections and, on PostgreSQL, a pooler in between (the server's own port);
+    never fails the doctor."""
     try:
         with wrapper.cursor() as cursor:
             if database.vendor == "mysql":
-                cursor.execute("SELECT @@wait_timeout, @@max_connections")
+                cursor.execute("SELECT @@wait_timeout, @@max_connections, NULL")
             else:
-                cursor.execute("SELECT NULL, current_setting('max_connections')::int")
-            wait_timeout, max_connections = cursor.fetchone()
+                cursor.execute("SELECT NULL, current_setting('max_connections')::int, current_setting('port')::int")
+            wait_timeout, max_connections, server_port = cursor.fetchone()
         database.wait_timeout = None if wait_timeout is None else int(wait_timeout)
         database.max_connections = int(max_connections)
     except Exception as exc:
         database.live_error = describe_error(exc)
+        return
     finally:
         try:
             wrapper.close()
         except Exception:
             pass
+    if server_port is not None:
+        django_port = database.port or 5432
+        if int(server_port) != django_port:
+            database.pooler = pooler.from_server(
+                wrapper.get_connection_params(), database.driver, django_port, int(server_port), database.name
+            )
+        elif database.pooler and database.pooler.seen.startswith("PORT"):
+            database.pooler = None  # the server itself listens there: no pooler in between

@@ -54,7 +54,13 @@ def as_json(header: list[str], findings: list[Finding], processes: list[ProcessS
     }
     if processes is not None:
         data["processes"] = [
-            {"pid": p.pid, "role": p.role, "db_sessions": len(p.db_sockets), "socket_inodes": sorted(p.db_sockets)}
+            {
+                "pid": p.pid,
+                "role": p.role,
+                "parent": p.parent,
+                "db_sessions": len(p.db_sockets),
+                "socket_inodes": sorted(p.db_sockets),
+            }
             for p in processes
         ]
     return redact(json.dumps(data, indent=2))

@@ -34,7 +34,28 @@ def server_rules(server: Server, django: Django | None) -> list[Finding]:
     fix_line = ADAPTER_LINE[server.kind]
     where = f"{server.kind}: {server.source}"
     databases = django.databases if django else []
-    unprotected = not server.serverhooks and not (django and django.serverhooks_app)
+    # "serverhooks" in INSTALLED_APPS arms the fork guard (os.register_at_fork) and nothing more: it
+    # protects a worker only where the server's fork runs Python's fork handlers.
+    guarded_by_app = bool(django and django.serverhooks_app and server.fork_handlers_run)
+    unprotected = not server.serverhooks and not guarded_by_app
+    app_note = (
+        " ('serverhooks' in INSTALLED_APPS arms a fork guard that uWSGI's workers never run: uWSGI forks "
+        "without Python's fork handlers unless py-call-osafterfork = true)"
+        if django and django.serverhooks_app and not server.fork_handlers_run
+        else ""
+    )
+    for option, value in server.unreadable.items():
+        findings.append(
+            Finding(
+                "serverhooks.W013",
+                Severity.WARNING,
+                f"{option} = {value!r} is not a number the doctor can read (not a uWSGI magic variable it knows), so "
+                f"it counted 1: the findings that count sessions may be wrong.",
+                f"write {option} as a number or with %k (the CPU count), or check uWSGI's own reading: "
+                "uwsgi --ini ... --show-config.",
+                where,
+            )
+        )
     if server.forks_after_loading_app and unprotected:
         persistent = [repr(d.alias) for d in databases if _persistent(d) and d.vendor != "other"]
         if persistent:
@@ -44,7 +65,7 @@ def server_rules(server: Server, django: Django | None) -> list[Finding]:
                     Severity.ERROR,
                     f"{FORKS_AFTER_LOADING[server.kind]} with CONN_MAX_AGE > 0 on {', '.join(persistent)}: workers "
                     "inherit the parent's open connection and interleave on it, returning other requests' "
-                    "results with HTTP 200.",
+                    f"results with HTTP 200{app_note}.",
                     fix_line + ".",
                     where,
                 )
@@ -56,13 +77,16 @@ def server_rules(server: Server, django: Django | None) -> list[Finding]:
                     "serverhooks.W005",
                     Severity.ERROR,
                     f"Django's PostgreSQL pool ({', '.join(pooled)}) with {FORKS_AFTER_LOADING[server.kind]}: its "
-                    "class-level pools survive fork (Django ticket 36957), so workers share pooled sessions.",
+                    "class-level pools survive fork (Django ticket 36957), so workers share pooled sessions"
+                    f"{app_note}.",
                     fix_line + ".",
                     where,
                 )
             )
     if server.gevent:
-        if server.forks_after_loading_app and unprotected and server.kind != "celery":
+        # Not silenced by the app: its fork guard drops inherited connections, but the storage Django
+        # made before the patch stays per thread, shared by every greenlet.
+        if server.forks_after_loading_app and not server.serverhooks and server.kind != "celery":
             findings.append(
                 Finding(
                     "serverhooks.W004",
@@ -154,6 +178,44 @@ def server_rules(server: Server, django: Django | None) -> list[Finding]:
     return findings
 
 
+def pooler_rules(database: Database) -> list[Finding]:
+    """PostgreSQL behind a transaction pooler: what must not outlive a transaction."""
+    found = database.pooler
+    if database.vendor != "postgresql" or found is None or found.transaction is False:
+        return []
+    severity = Severity.ERROR if found.transaction else Severity.WARNING
+    mode = "transaction pooling" if found.transaction else "a pooler (if it pools by transaction)"
+    where = f"DATABASES[{database.alias!r}]"
+    findings = []
+    if database.server_side_cursors:
+        findings.append(
+            Finding(
+                "serverhooks.W011",
+                severity,
+                f"{database.described} is reached through {mode} ({found.seen}) with server-side cursors on: "
+                "QuerySet.iterator() declares a named cursor whose next FETCH may reach another server session, "
+                "failing ('cursor does not exist') or reading another client's cursor.",
+                f"set DATABASES[{database.alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True.",
+                where,
+            )
+        )
+    if database.prepares_statements and not found.follows_prepared_statements:
+        findings.append(
+            Finding(
+                "serverhooks.W012",
+                severity,
+                f"{database.described} is reached through {mode} ({found.seen}) with psycopg 3 server-side "
+                f"binding and prepare_threshold {database.prepare_threshold}: statements prepared on one server "
+                "session are executed on another ('prepared statement does not exist'), or bind another "
+                "client's statement of the same name.",
+                "set OPTIONS['prepare_threshold'] = None (Django's default), or use PgBouncer 1.21+ with "
+                "max_prepared_statements > 0.",
+                where,
+            )
+        )
+    return findings
+
+
 def settings_rules(django: Django, *, include_debug: bool = False) -> list[Finding]:
     """What Django settings alone reveal (shared with `manage.py check --deploy`).
 
@@ -173,6 +235,7 @@ def settings_rules(django: Django, *, include_debug: bool = False) -> list[Findi
             )
         )
     for database in django.databases:
+        findings += pooler_rules(database)
         if database.vendor != "mysql" or database.health_checks or not _persistent(database):
             continue
         too_long = database.conn_max_age is None or (

@@ -2,7 +2,8 @@
 
 Gunicorn: its own `Config` loads gunicorn.conf.py. uWSGI has no parse-only mode, so
 uwsgi.ini is read here following uWSGI's rules (repeated keys, if-env/if-not-env
-blocks, %d, $(VAR)). Celery: the app's own configuration.
+blocks, $(VAR), and the magic variables: %k, %d, %(option), ...). Celery: the app's own
+configuration.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import io
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,11 @@ class Server:
     per_process_limit: int | None  # gevent's worker_connections / async cores: greenlets per process
     forwarded_allow_ips: list[str] = dataclasses.field(default_factory=list)
     dirty_workers: int = 0  # Gunicorn 25+'s dirty arbiter, forked after preload_app without pre_fork
+    # Python's os.register_at_fork handlers run in the workers (the fork guard of "serverhooks" in
+    # INSTALLED_APPS): Gunicorn and Celery fork with os.fork; uWSGI forks in C and runs them only
+    # with py-call-osafterfork.
+    fork_handlers_run: bool = True
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # option -> value not read as a number
 
 
 # --------------------------------------------------------------------------- Gunicorn
@@ -91,16 +98,58 @@ def read_gunicorn(path: str) -> Server:
 _TRUE = {"1", "true", "yes", "on", ""}
 
 
-def parse_uwsgi_ini(text: str, directory: str, env: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """The [uwsgi] section as uWSGI reads it: every value of repeated keys, env blocks applied."""
+_MAGIC = re.compile(r"%(\([\w.-]+\)|.)")
+
+
+def _magic_table(path: str, directory: str) -> dict[str, str]:
+    """uWSGI's magic variables that a config can be read with (uWSGI's docs, "Magic variables")."""
+    file = Path(path) if path else Path(directory) / "uwsgi.ini"
+    absolute = Path(directory) / file.name
+    table = {
+        "d": directory.rstrip("/") + "/",
+        "p": str(absolute),
+        "s": file.name,
+        "n": file.stem,
+        "e": file.suffix.lstrip("."),
+        "c": Path(directory).name,
+        "x": "uwsgi",
+        "v": os.getcwd(),
+        "k": str(os.cpu_count() or 1),
+        "h": socket.gethostname(),
+        "u": str(os.getuid()),
+        "g": str(os.getgid()),
+        "%": "%",
+    }
+    for index, part in enumerate(Path(directory).parts[1:10]):
+        table[str(index)] = part
+    return table
+
+
+def parse_uwsgi_ini(
+    text: str, directory: str, env: dict[str, str] | None = None, path: str = ""
+) -> dict[str, list[str]]:
+    """The [uwsgi] section as uWSGI reads it: every value of repeated keys, env blocks applied.
+
+    Magic variables are expanded as uWSGI does (%k the CPU count, %d the file's directory,
+    %(option) an option set above, ...); one the doctor cannot know (%V, %t, @(...)) stays as
+    written, and a number option holding it is then reported, not guessed.
+    """
     env = dict(os.environ) if env is None else env
     options: dict[str, list[str]] = {}
     in_section = False
     skipping: list[bool] = []
+    magic = _magic_table(path, directory)
+
+    def variable(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name.startswith("("):
+            known = options.get(name[1:-1])
+            return known[-1] if known else match.group(0)
+        return magic.get(name, match.group(0))
 
     def expand(value: str) -> str:
-        value = value.replace("%d", directory.rstrip("/") + "/")
-        return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), ""), value)
+        value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), ""), value)
+        return _MAGIC.sub(variable, value)
 
     for raw in text.splitlines():
         line = raw.strip()
@@ -135,7 +184,7 @@ def read_uwsgi(path: str) -> Server:
     if not file.is_file():
         raise DoctorError(f"no uWSGI ini file at {path}")
     try:
-        options = parse_uwsgi_ini(file.read_text(), str(file.parent.resolve()))
+        options = parse_uwsgi_ini(file.read_text(), str(file.parent.resolve()), path=str(file))
     except Exception as exc:
         raise DoctorError(f"cannot parse {path} as a uWSGI ini file: {describe_error(exc)}") from None
 
@@ -145,7 +194,20 @@ def read_uwsgi(path: str) -> Server:
     def flag(key: str) -> bool:
         return key in options and last(key).lower() in _TRUE
 
-    gevent_cores = int(last("gevent", "0") or 0)
+    unreadable: dict[str, str] = {}
+
+    def number(key: str, default: str, *aliases: str) -> int:
+        for name in (key, *aliases):
+            if name in options:
+                value = last(name).strip()
+                try:
+                    return int(value or default)
+                except ValueError:
+                    unreadable[name] = value
+                    return int(default)
+        return int(default)
+
+    gevent_cores = number("gevent", "0")
     imports = [
         module for key in ("import", "pyimport", "py-import", "python-import") for module in options.get(key, [])
     ]
@@ -153,11 +215,13 @@ def read_uwsgi(path: str) -> Server:
         kind="uwsgi",
         source=path,
         forks_after_loading_app=not flag("lazy-apps") and not flag("lazy"),
-        processes=int(last("processes", last("workers", "1")) or 1),
-        threads=int(last("threads", "1") or 1),
+        processes=number("processes", "1", "workers"),
+        threads=number("threads", "1"),
         gevent=gevent_cores > 0,
         serverhooks="serverhooks.uwsgi" in imports,
         per_process_limit=gevent_cores or None,
+        fork_handlers_run=flag("py-call-osafterfork"),
+        unreadable=unreadable,
     )
 
 
