@@ -27,7 +27,7 @@ def uwsgi(tmp_path: Path, body: str) -> servers.Server:
     return servers.read_uwsgi(str(ini))
 
 
-def test_the_app_does_not_silence_w001_under_uwsgi(tmp_path: Path) -> None:
+def test_the_app_silences_w001_only_where_fork_handlers_run(tmp_path: Path) -> None:
     # uWSGI forks in C: Python's fork handlers (the app's fork guard) run only with py-call-osafterfork.
     plain = uwsgi(tmp_path, "processes = 4\n")
     assert "serverhooks.W001" in found(plain, app=True)
@@ -35,9 +35,7 @@ def test_the_app_does_not_silence_w001_under_uwsgi(tmp_path: Path) -> None:
     assert "py-call-osafterfork" in why
     assert "serverhooks.W001" not in found(uwsgi(tmp_path, "processes = 4\npy-call-osafterfork = true\n"), app=True)
     assert "serverhooks.W001" not in found(uwsgi(tmp_path, "processes = 4\nimport = serverhooks.uwsgi\n"), app=False)
-
-
-def test_the_app_still_silences_w001_where_fork_handlers_run() -> None:
+    # Gunicorn forks with os.fork: there the app's fork guard runs, and still counts.
     gunicorn = servers.Server("gunicorn", "g.conf.py", True, 4, 1, False, False, None)
     assert "serverhooks.W001" in found(gunicorn, app=False)
     assert "serverhooks.W001" not in found(gunicorn, app=True)
