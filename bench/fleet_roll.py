@@ -1,6 +1,6 @@
 """A fleet that rolls without a failed request: Gunicorn hosts behind nginx, one PgBouncer, one PostgreSQL.
 
-    python -m bench.fleet_roll            # full run, about 1.5 minutes; writes bench/FLEET_RESULTS.md
+    python -m bench.fleet_roll            # full run, about a minute; writes bench/FLEET_RESULTS.md
     python -m bench.fleet_roll --quick    # smoke run, about 30 s; 2 hosts
 
 Run as root (it makes network namespaces), with Debian's pgbouncer and nginx installed (tests/run setup).
@@ -842,7 +842,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from tests.support import dbserver, pgbouncer
 
-    signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(OUT_DIR, ignore_errors=True)
     OUT_DIR.mkdir(parents=True)
     started = time.monotonic()
@@ -850,6 +849,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["pgbouncer"] = tool_version([pgbouncer.BINARY, "--version"])
     env["nginx"] = tool_version([NGINX, "-v"])
     env["worker class"] = "sync"
+    # The PostgreSQL server is shared: how full it was says whether PgBouncer could get its sessions back.
+    in_use = dbserver.query("postgres", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+    env["postgres sessions in use / max_connections at start"] = (
+        f"{in_use[0][0]} / {dbserver.query('postgres', 'SHOW max_connections')[0][0]}"
+    )
     context = multiprocessing.get_context("fork")
     _STOP = context.Event()
     hosts = [Host(n) for n in range(1, plan.hosts + 1)]
@@ -859,6 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The load processes are forked first, before any thread or server exists.
         with context.Pool(plan.clients.procs) as pool:
+            signal.signal(signal.SIGTERM, _terminate)  # here: the pool's workers keep the default (terminate())
             for host in hosts:
                 make_network(host)
             listen = ",".join(["127.0.0.1", *(h.root_addr for h in hosts)])
