@@ -23,9 +23,11 @@ from serverhooks._log import say_once
 __all__ = [
     "cache_client_pools",
     "connection_storage",
+    "forget_unprefixed_statements",
     "local_storage",
     "pool_idle_connections",
     "postgres_pools",
+    "prefix_psycopg_statement_names",
     "pymysql_reply_pending",
     "pymysql_socket",
     "replace_connection_storage",
@@ -33,6 +35,7 @@ __all__ = [
     "set_thread_ident",
     "thread_ident",
     "track_pymysql_replies",
+    "unprefix_psycopg_statement_names",
     "untrack_pymysql_replies",
     "use_psycopg_poll_wait",
 ]
@@ -133,6 +136,65 @@ def use_psycopg_poll_wait(waiting: Any) -> Callable[[], None] | None:
         waiting.wait, waiting._ready = original_wait, original_ready
 
     return undo
+
+
+_psycopg_get: list[Callable[..., Any]] = []
+
+
+def prefix_psycopg_statement_names(make_prefix: Callable[[], bytes]) -> bool:
+    """Name psycopg 3's prepared statements `<prefix><n>` instead of `_pg3_<n>`, with a prefix of
+    each connection's own (`make_prefix()`, asked once per connection). Idempotent.
+
+    psycopg names them in PrepareManager.get (one manager per connection, `_prepared`), which
+    returns (Prepare.SHOULD, name) only when a statement is to be prepared: that name is the one
+    prepared, cached and bound later. Wrapped on the class, so that a connection's statements
+    prepared while Django sets it up are covered too; a connection that prepares nothing
+    (prepare_threshold None, Django's default) never reaches the renaming.
+    """
+    module = sys.modules.get("psycopg._preparing")
+    manager_class = getattr(module, "PrepareManager", None)
+    if manager_class is None:
+        return False
+    if _psycopg_get:
+        return True
+    get = _get(manager_class, "get", "psycopg PrepareManager", "unique prepared statement names")
+    if get is None:
+        return False
+
+    def get_prefixed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prep, name = get(self, *args, **kwargs)
+        if name.startswith(b"_pg3_"):
+            prefix = vars(self).get("_serverhooks_prefix")
+            if prefix is None:
+                prefix = self._serverhooks_prefix = make_prefix()
+            if not name.startswith(prefix):
+                name = prefix + name[len(b"_pg3_") :]
+        return prep, name
+
+    manager_class.get = get_prefixed
+    _psycopg_get.append(get)
+    return True
+
+
+def forget_unprefixed_statements(raw: Any, prefix: bytes = b"_pg3_") -> int:
+    """Make a psycopg 3 connection prepare again, under new names, the statements it prepared
+    before `prefix_psycopg_statement_names` (its `_prepared._names`); they stay unused on the server."""
+    manager = _get(raw, "_prepared", "psycopg Connection", "renaming statements prepared earlier")
+    names = getattr(manager, "_names", None)
+    if names is None:
+        return 0
+    own = vars(manager).get("_serverhooks_prefix", b"")
+    stale = [key for key, name in names.items() if name.startswith(prefix) and not (own and name.startswith(own))]
+    for key in stale:
+        names.pop(key, None)
+    return len(stale)
+
+
+def unprefix_psycopg_statement_names() -> None:
+    """Undo `prefix_psycopg_statement_names` (tests)."""
+    manager_class = getattr(sys.modules.get("psycopg._preparing"), "PrepareManager", None)
+    if manager_class is not None and _psycopg_get:
+        manager_class.get = _psycopg_get.pop()
 
 
 # --------------------------------------------------------------------------- Gunicorn

@@ -3,8 +3,9 @@
 Django keeps connections per thread, and one thread cannot list another's. At a fork or
 at exit, serverhooks must reach them all, so from `start_tracking()` on it follows
 Django's `connection_created` signal. Each connection it sees also gets serverhooks'
-per-connection care: the idle-session check (serverhooks.health) and the guard against
-interrupted queries (serverhooks.cursorguard).
+per-connection care: the idle-session check (serverhooks.health), the guard against
+interrupted queries (serverhooks.cursorguard), and cursor and statement names no other
+client of a transaction pooler can reach (serverhooks.cursornames).
 
 Nothing here imports `django.db` unless the process has already imported it.
 """
@@ -49,9 +50,13 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     state().counters.add("sessions_opened", connection.alias)
     remember_secret(connection.settings_dict.get("PASSWORD"))
     # Both import django.db.utils: only once django.db is loaded, as it is here.
-    from serverhooks import cursorguard, health
+    from serverhooks import cursorguard, cursornames, health
 
     health.watch(connection)
+    try:
+        cursornames.install(connection)
+    except Exception as exc:  # never fail the user's connect
+        logger.warning("serverhooks: unique cursor names on %s: %s", connection.alias, describe_error(exc))
     if conf.get("CLOSE_INTERRUPTED"):
         cursorguard.guard(connection)
 
@@ -66,6 +71,9 @@ def start_tracking(*, existing: bool = True) -> None:
     from django.db.backends.signals import connection_created
 
     connection_created.connect(_on_connection_created, weak=False, dispatch_uid="serverhooks.track")
+    from serverhooks import cursornames
+
+    cursornames.prepare_process()
     if conf.get("CLOSE_INTERRUPTED"):
         # Now, not at the first guarded connection: a `with atomic():` looks its __exit__ up
         # on entry, and the first connection is often opened inside the first block.

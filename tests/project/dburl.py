@@ -6,6 +6,7 @@ mysql+pymysql://...                          PyMySQL
 postgres://user@host:port/name               psycopg 3
 postgres+psycopg2://...                      psycopg2
 ...?pool=1                                   Django 5.1+'s psycopg pool
+...?server_side_binding=1&prepare_threshold=0  psycopg 3 prepared statements (OPTIONS)
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def parse(url: str, conn_max_age: int = 0) -> dict[str, Any]:
         # PgBouncer in transaction mode: no server-side prepared statements (psycopg 3
         # prepares after 5 runs of a query; PgBouncer < 1.21 cannot follow them).
         options["prepare_threshold"] = None
+    if query.get("server_side_binding") in {"1", "true"}:  # psycopg 3 binds on the server, may prepare
+        options["server_side_binding"] = True
+    if query.get("prepare_threshold", "").isdigit():  # psycopg 3 prepares after this many runs
+        options["prepare_threshold"] = int(query["prepare_threshold"])
     if query.get("pool") in {"1", "true"}:
         options["pool"] = {"min_size": 2, "max_size": 4}
         conn_max_age = 0  # Django refuses persistent connections with its pool

@@ -1,7 +1,7 @@
 from django.urls import path
 
 from serverhooks.metrics.django import metrics_view
-from tests.project import async_views, integrity_views, views
+from tests.project import async_views, integrity_views, pooler_views, views
 
 urlpatterns = [
     path("ping", views.ping),
@@ -26,4 +26,6 @@ urlpatterns = [
     path("metrics", metrics_view),
     path("integrity/write-then-refused", integrity_views.write_then_refused),
     path("integrity/release-inside-atomic", integrity_views.release_inside_atomic),
+    path("pooler/iterate", pooler_views.iterate),
+    path("pooler/prepared", pooler_views.prepared),
 ]
