@@ -149,13 +149,15 @@ def stop_waiting_for_django_db() -> None:
 
 
 def stop_tracking() -> None:
-    """Undo `start_tracking`: forget every connection and stop following new ones."""
+    """Undo `start_tracking`: forget every connection and stop following new ones, and give psycopg
+    its own statement names back (connections already open keep the names they prepared)."""
     from serverhooks._process import forget_once
 
     if _django.loaded_db() is not None:
         from django.db.backends.signals import connection_created
 
         connection_created.disconnect(dispatch_uid="serverhooks.track")
+    _internals.unprefix_psycopg_statement_names()
     forget_once(_TRACKING)
     state().tracked.clear()
 
