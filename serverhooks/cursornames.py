@@ -22,13 +22,15 @@ import itertools
 import logging
 import os
 import secrets
+import sys
 from typing import Any
 
-from serverhooks import _internals
+from serverhooks import _imports, _internals
 from serverhooks._log import say_once
 
 __all__ = [
     "explain",
+    "forget_process",
     "install",
     "prepare_process",
     "process_token",
@@ -109,11 +111,35 @@ def install(wrapper: Any) -> None:
         _internals.forget_unprefixed_statements(raw)
 
 
+_waiting_for_psycopg: _imports.AfterImport | None = None
+
+
 def prepare_process() -> None:
-    """Name psycopg 3's prepared statements uniquely from now on, if psycopg is loaded: before this
-    process's first connection, whose own setup may prepare statements already."""
-    if _enabled:
-        _internals.prefix_psycopg_statement_names(statement_prefix)
+    """Name psycopg 3's prepared statements uniquely from now on: before this process's first
+    connection, whose own setup (Django's time zone) may prepare a statement already. If psycopg
+    is not loaded yet, as soon as it is (importing it here would bind its waiting functions before
+    gevent patches them)."""
+    global _waiting_for_psycopg
+    if not _enabled or _internals.prefix_psycopg_statement_names(statement_prefix):
+        return
+    if _waiting_for_psycopg is None and "psycopg._preparing" not in sys.modules:
+        _waiting_for_psycopg = _imports.after_import(
+            "psycopg._preparing", _prefix_once_psycopg_is_imported, "naming prepared statements"
+        )
+
+
+def _prefix_once_psycopg_is_imported() -> None:
+    global _waiting_for_psycopg
+    _waiting_for_psycopg = None
+    _internals.prefix_psycopg_statement_names(statement_prefix)
+
+
+def forget_process() -> None:
+    """Undo `prepare_process`: psycopg's own names for statements prepared from now on."""
+    global _waiting_for_psycopg
+    finder, _waiting_for_psycopg = _waiting_for_psycopg, None
+    _imports.cancel(finder)
+    _internals.unprefix_psycopg_statement_names()
 
 
 def statement_prefix() -> bytes:

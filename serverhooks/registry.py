@@ -12,17 +12,11 @@ Nothing here imports `django.db` unless the process has already imported it.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.machinery
-import sys
 import threading
 import weakref
-from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
-from serverhooks import _django, _internals, conf
+from serverhooks import _django, _imports, _internals, conf
 from serverhooks._log import describe_error, logger, remember_secret
 from serverhooks._process import once, state
 
@@ -85,47 +79,17 @@ def start_tracking(*, existing: bool = True) -> None:
             _on_connection_created(type(wrapper), wrapper)
 
 
-class _TrackOnImport(importlib.abc.MetaPathFinder):
-    """Starts tracking right after `django.db` is imported, by whoever imports it.
-
-    For a fork guard installed before that (a master, a manage.py, a settings module): importing
-    django.db ourselves would create Django's connection storage too early (before gevent patches
-    threading), and waiting until a fork would miss the connections other threads opened by then.
-    It finds nothing itself: it wraps the real loader of `django.db` only, then leaves sys.meta_path.
-    """
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "django.db":
-            return None
-        spec: importlib.machinery.ModuleSpec | None = None
-        for finder in [f for f in sys.meta_path if f is not self]:
-            find_spec = getattr(finder, "find_spec", None)
-            found = find_spec(fullname, path, target) if find_spec is not None else None
-            spec = found if isinstance(found, importlib.machinery.ModuleSpec) else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        exec_module = getattr(loader, "exec_module", None)
-        if loader is None or exec_module is None:
-            return None  # no loader we can wrap (Django has none such): the import goes on untouched
-
-        def exec_then_track(module: ModuleType) -> None:
-            exec_module(module)
-            stop_waiting_for_django_db()
-            try:  # django.db is in sys.modules already (importlib puts it there before exec_module)
-                start_tracking(existing=False)
-            except Exception as exc:  # never fail the user's import
-                logger.warning("serverhooks: tracking connections from django.db's import: %s", describe_error(exc))
-
-        loader.exec_module = exec_then_track  # type: ignore[method-assign]
-        return spec
+# Tracking starts right after `django.db` is imported, by whoever imports it: for a fork guard
+# installed before that (a master, a manage.py, a settings module), importing django.db ourselves
+# would create Django's connection storage too early (before gevent patches threading), and waiting
+# until a fork would miss the connections other threads opened by then.
+_waiting_for_django_db: _imports.AfterImport | None = None
 
 
-_waiting_for_django_db: _TrackOnImport | None = None
+def _track_once_django_db_is_imported() -> None:
+    global _waiting_for_django_db
+    _waiting_for_django_db = None
+    start_tracking(existing=False)  # django.db is in sys.modules (importlib puts it there first)
 
 
 def track_from_django_db_import() -> None:
@@ -135,17 +99,16 @@ def track_from_django_db_import() -> None:
         start_tracking()
         return
     if _waiting_for_django_db is None:
-        _waiting_for_django_db = _TrackOnImport()
-        sys.meta_path.insert(0, _waiting_for_django_db)
+        _waiting_for_django_db = _imports.after_import(
+            "django.db", _track_once_django_db_is_imported, "tracking connections"
+        )
 
 
 def stop_waiting_for_django_db() -> None:
     """Undo a `track_from_django_db_import` that is still waiting (sys.meta_path as it was)."""
     global _waiting_for_django_db
     finder, _waiting_for_django_db = _waiting_for_django_db, None
-    if finder is not None:
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(finder)
+    _imports.cancel(finder)
 
 
 def stop_tracking() -> None:
@@ -157,7 +120,9 @@ def stop_tracking() -> None:
         from django.db.backends.signals import connection_created
 
         connection_created.disconnect(dispatch_uid="serverhooks.track")
-    _internals.unprefix_psycopg_statement_names()
+    from serverhooks import cursornames
+
+    cursornames.forget_process()
     forget_once(_TRACKING)
     state().tracked.clear()
 

@@ -7,6 +7,7 @@ The Gunicorn + PgBouncer end of it is tests/integration/test_pooler_safety.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -197,3 +198,47 @@ def test_start_tracking_wraps_psycopg_for_the_process_and_stop_tracking_undoes_i
         [sys.executable, "-c", TRACKING], cwd=procs.REPO, env=env, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip().endswith("ok"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
+FIRST_CONNECTION = r"""
+import json
+import sys
+import django
+django.setup()
+from django.db import connection
+from serverhooks import registry
+
+assert "psycopg" not in sys.modules, "psycopg must not be loaded yet: Django loads it with the first connection"
+registry.start_tracking()
+assert "psycopg" not in sys.modules, "start_tracking never imports psycopg itself"
+if sys.argv[1] == "control":
+    registry.stop_tracking()  # the control: psycopg's own names
+with connection.cursor() as cursor:
+    cursor.execute("SELECT %s::int", [1])
+    cursor.execute("SELECT name FROM pg_prepared_statements ORDER BY name")
+    print("names", json.dumps([row[0] for row in cursor.fetchall()]))
+"""
+
+
+def test_the_first_connection_of_a_process_that_never_loaded_psycopg_is_named_too(tmp_path: Path) -> None:
+    """Django's own setup of a process's first connection (its time zone) prepares a statement
+    before any serverhooks hook sees the connection: psycopg's import is followed instead."""
+    require_server("postgres")
+    url = dbserver.django_url("postgres", "test", extra_query="server_side_binding=1&prepare_threshold=0")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.project.settings", "DATABASE_URL": url}
+    names = {}
+    for arm in ("fix", "control"):
+        out = subprocess.run(
+            [sys.executable, "-c", FIRST_CONNECTION, arm],
+            cwd=procs.REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = [line for line in out.stdout.splitlines() if line.startswith("names ")]
+        assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+        names[arm] = json.loads(lines[0][len("names ") :])
+    print(names)
+    assert names["control"] and all(re.fullmatch(r"_pg3_\d+", name) for name in names["control"]), names
+    assert names["fix"] and all(re.fullmatch(r"_pg3_[0-9a-f]{12}_\d+", name) for name in names["fix"]), names
