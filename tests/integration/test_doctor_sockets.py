@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,6 +29,13 @@ pytestmark = pytest.mark.gunicorn
 
 MYSQL_SOCKET = "/run/mysqld/mysqld.sock"
 PG_SOCKET_DIR = "/var/run/postgresql"
+
+
+def on_port(url: str, port: int) -> str:
+    """`url` with another port (the suite's server may be on any port: the tests container's is)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return parts._replace(netloc=f"{credentials + '@' if credentials else ''}{parts.hostname}:{port}").geturl()
 
 
 def unix_url(family: str, name: str) -> str:
@@ -155,12 +163,12 @@ def test_poolers_server_side_cursors_and_prepared_statements(fresh_database: Cal
     name = fresh_database("postgres")
     direct = dbserver.django_url("postgres", name)
     # Static: PgBouncer's default port, not connected to: a warning, the pool mode being unknown.
-    static = pooled_ids(direct.replace(":5432/", ":6432/"), ["--no-live-db"])
+    static = pooled_ids(on_port(direct, 6432), ["--no-live-db"])
     assert static.get("serverhooks.W011", "").startswith("warning: "), static
     assert "PORT 6432" in static["serverhooks.W011"]
     # Live, through a real PgBouncer in transaction mode on a port of its own: seen by the server's port.
     with pgbouncer.running([name], settings={"admin_users": "postgres"}) as bouncer:
-        pooled = direct.replace(":5432/", f":{bouncer.port}/")
+        pooled = on_port(direct, bouncer.port)
         assert pooled != direct
         found = pooled_ids(pooled)
         assert set(found) == {"serverhooks.W011"}, found
@@ -194,5 +202,5 @@ def test_poolers_server_side_cursors_and_prepared_statements(fresh_database: Cal
 
 def test_a_gunicorn_config_with_a_pooled_database_reports_it_too(tmp_path: Path) -> None:
     conf = ["-c", gunicorn_conf(tmp_path, "workers = 2", hooks=True), "--no-live-db"]
-    assert "serverhooks.W011" in ids(conf, {"DATABASE_URL": PG.replace(":5432", ":6432")})
+    assert "serverhooks.W011" in ids(conf, {"DATABASE_URL": on_port(PG, 6432)})
     assert "serverhooks.W011" not in ids(conf, {"DATABASE_URL": PG})
