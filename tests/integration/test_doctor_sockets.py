@@ -50,8 +50,9 @@ def test_live_mode_finds_workers_sharing_a_unix_socket(
     family: str, fresh_database: Callable[[str], str], servers: list[procs.Server], tmp_path: Path
 ) -> None:
     needed = os.path.join(PG_SOCKET_DIR, ".s.PGSQL.5432") if family == "postgres" else MYSQL_SOCKET
-    if not os.path.exists(needed):
-        pytest.skip(f"the local {family} server has no Unix socket at {needed}")
+    # The socket must be the suite's server's own: the default one on this machine, on its default port.
+    if dbserver.port(family) != {"postgres": 5432, "mysql": 3306}[family] or not os.path.exists(needed):
+        pytest.skip(f"the suite's {family} server has no Unix socket at {needed} (or is on another port)")
     url = unix_url(family, fresh_database(family))
     env = project_env(url, CONN_MAX_AGE=3600, QUERY_AT_IMPORT=1)
     started = procs.start_gunicorn(tmp_path, env, settings={"preload_app": True}, workers=2)
