@@ -139,21 +139,26 @@ def read_django(live: bool, set_up: bool = True) -> Django | None:
     )
 
 
-def database_ports() -> dict[int, str]:
-    """{port: vendor} of the TCP databases in DJANGO_SETTINGS_MODULE's DATABASES; {} when unknown.
-
-    Live mode recognises the usual ports by itself; these add a server on another port.
-    Reading them connects to nothing, and any failure just leaves live mode with the usual ones.
-    """
+def _configured_databases() -> dict[str, Any]:
+    """DATABASES of DJANGO_SETTINGS_MODULE, without connecting; {} when unset or unreadable."""
     if not os.environ.get("DJANGO_SETTINGS_MODULE"):
         return {}
     importable_from_here()
     try:
         from django.conf import settings
 
-        configured = dict(settings.DATABASES)
+        return dict(settings.DATABASES)
     except Exception:
         return {}
+
+
+def database_ports() -> dict[int, str]:
+    """{port: vendor} of the TCP databases in DJANGO_SETTINGS_MODULE's DATABASES; {} when unknown.
+
+    Live mode recognises the usual ports by itself; these add a server on another port.
+    Reading them connects to nothing, and any failure just leaves live mode with the usual ones.
+    """
+    configured = _configured_databases()
     ports: dict[int, str] = {}
     for settings_dict in configured.values():
         engine = str(settings_dict.get("ENGINE", ""))
@@ -168,15 +173,7 @@ def database_socket_paths() -> dict[str, str]:
 
     Live mode recognises the usual paths by their names; these add one by another name.
     """
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        return {}
-    importable_from_here()
-    try:
-        from django.conf import settings
-
-        configured = dict(settings.DATABASES)
-    except Exception:
-        return {}
+    configured = _configured_databases()
     paths: dict[str, str] = {}
     for settings_dict in configured.values():
         engine = str(settings_dict.get("ENGINE", ""))
