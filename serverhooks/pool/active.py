@@ -126,7 +126,7 @@ def forget_after_fork() -> None:
     """In a forked child: the pools' sessions were abandoned with the rest; start empty."""
     for alias, pool in list(_pools.items()):
         sockets.keep_forever(pool)
-        _pools[alias] = Pool(alias, pool.size, pool.timeout, pool.waiter, max_age_zero_reuses=pool.max_age_zero_reuses)
+        _pools[alias] = pool.recreate()
 
 
 def any_active() -> bool:

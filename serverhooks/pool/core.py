@@ -1,32 +1,33 @@
 """The pool core: bounded, per-worker pools of whole Django connections, one per database alias.
 
-Why pool at all: where each unit of work (a greenlet under gevent) gets Django
-connections of its own, `CONN_MAX_AGE` never gets a chance to reuse anything: each
-opens a session, and the old ones linger until collected.
+Why pool at all: where each unit of work (a greenlet under gevent, a request's thread under
+ASGI) gets Django connections of its own, `CONN_MAX_AGE` never gets a chance to reuse
+anything: each opens a session, and the old ones linger until collected.
 
-How: a pool holds Django `DatabaseWrapper` objects, not raw connections. When a unit of
-work first asks `connections[alias]`, it checks one out (waiting when all are in use);
-at `request_finished`, or `release_current()`, it goes back in a clean state. Reusing the
-wrapper keeps what Django set up on connect (time zone, isolation level,
-`init_command`) and skips the reconnect entirely.
+How: when a unit of work first asks `connections[alias]`, it checks a wrapper out (queueing,
+first come first served, when all are in use); at `request_finished`, or `release_current()`,
+it goes back in a clean state. The pool is split the way SQLAlchemy splits its own:
 
-What a unit of work is, and how to wait, is the *waiter*'s business (see `Waiter`);
-this module knows neither gevent nor threads. Which pools are active, and how Django is
-made to use them, is serverhooks.pool.active. It imports `django.db` only in workers.
+- serverhooks.pool.fifo: the queue of permits, and how a unit waits in it;
+- this module: who holds which wrapper, what is idle, all under the pool's one lock;
+- serverhooks.pool.wrappers: the part that faces Django (make, check, clean a wrapper);
+- serverhooks.pool.active: which pools are active, and how Django is made to use them.
+
+What a unit of work is, and what it sleeps on, is the *waiter*'s business (see `Waiter`);
+this module knows neither gevent nor threads. It imports `django.db` only in workers.
 """
 
 from __future__ import annotations
 
-import _thread
 import threading
 import time
 from typing import Any, Protocol
 
-from serverhooks import _internals, conf, cursorguard, health, transactions
-from serverhooks._log import describe_error, logger
+from serverhooks._log import logger
 from serverhooks._process import state
+from serverhooks.pool import fifo, wrappers
 
-__all__ = ["Pool", "Slots", "Waiter"]
+__all__ = ["Pool", "Waiter"]
 
 
 class PoolObserver(Protocol):
@@ -43,18 +44,11 @@ class PoolObserver(Protocol):
 observer: PoolObserver | None = None
 
 
-class Slots(Protocol):
-    """A bounded semaphore of the waiter's kind."""
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool: ...
-    def release(self) -> None: ...
-
-
 class Waiter(Protocol):
     """How a kind of concurrency waits for a pooled connection."""
 
-    def slots(self, size: int) -> Slots:
-        """A bounded semaphore that waits the way this kind waits (cooperatively, for greenlets)."""
+    def signal(self) -> fifo.Signal:
+        """A new lock of this kind, unlocked: what a queued unit sleeps on (cooperatively, for greenlets)."""
 
     def current(self) -> Any:
         """The unit of work running now, which holds what it checked out."""
@@ -78,8 +72,8 @@ invariant_violations: list[str] = []
 class Pool:
     """Wrappers for one alias: at most `size` exist; idle ones are reused newest first.
 
-    Who holds what (`_holders`: unit of work -> the wrappers it checked out) and the idle
-    lists change only under `_lock`, and a wrapper goes back only by a compare-and-pop:
+    Who holds what (`_holders`: unit of work -> the wrappers it checked out), the idle
+    lists and the queue of permits change only under `_lock`, and a wrapper goes back only by a compare-and-pop:
     a checkin removes it from its own unit's holding, a reclaim pops a dead unit's holding
     only if it is still the one the scan saw. Units are the keys themselves, never their
     ids, which a new thread or greenlet reuses. The lock is held only around those dict
@@ -97,8 +91,8 @@ class Pool:
         # CONN_MAX_AGE=0 is what Django tells ASGI users to set, only because their sessions
         # leak otherwise. Under a pool nothing leaks, so there it means "reuse, no age cap".
         self.max_age_zero_reuses = max_age_zero_reuses
-        self._slots = waiter.slots(size)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # gevent's, in a patched worker: it is created after the patch
+        self._slots = fifo.FifoSlots(size, self._lock, waiter.signal)
         self._idle: list[Any] = []
         self._reclaimed: list[Any] = []  # from dead units of work: cleaned by the next checkout
         self._holders: dict[Any, list[Any]] = {}
@@ -106,33 +100,46 @@ class Pool:
         if observer is not None:  # its sampler reports occupancy(); requests write no metric
             observer.pool_created(self)
 
+    def recreate(self) -> Pool:
+        """A new, empty pool of the same settings: for a forked child, whose inherited
+        sessions were abandoned with the rest (SQLAlchemy's `Pool.recreate()`)."""
+        return Pool(self.alias, self.size, self.timeout, self.waiter, max_age_zero_reuses=self.max_age_zero_reuses)
+
     # ----------------------------------------------------------------- checkout
 
     def checkout(self) -> Any:
-        counters = state().counters
-        if not self._slots.acquire(blocking=False):
-            self._reclaim_from_dead_units()
-            started = time.monotonic()
-            counters.add("pool_waits", self.alias)
-            watching = observer
-            if watching is not None:
-                watching.waiting(self)
-            try:
-                acquired = self._slots.acquire(timeout=self.timeout)
-            finally:  # also when the wait is cut short (GreenletExit): the gauge must come down
-                waited = time.monotonic() - started
-                counters.add("pool_wait_seconds", self.alias, waited)
-                if watching is not None:
-                    watching.waited(self, waited)
-            if not acquired:
-                raise self._timed_out()
+        with self._lock:  # one trip through the lock on the common path: a permit and an idle wrapper
+            permitted = self._slots._take_locked()
+            wrapper, reclaimed = self._pop_locked() if permitted else (None, False)
+        if not permitted:
+            self._wait_for_permit()
+            wrapper, reclaimed = self._pop()
         try:
-            wrapper = self._next_wrapper()
+            wrapper = self._ready_wrapper(wrapper, reclaimed)
         except BaseException:
             self._slots.release()
             raise
         self._hold(wrapper)
         return wrapper
+
+    def _wait_for_permit(self) -> None:
+        """Queue behind the units already waiting; raise PoolTimeout if none frees in time."""
+        self._reclaim_from_dead_units()
+        counters = state().counters
+        started = time.monotonic()
+        counters.add("pool_waits", self.alias)
+        watching = observer
+        if watching is not None:
+            watching.waiting(self)
+        try:
+            acquired = self._slots.wait(self.timeout)
+        finally:  # also when the wait is cut short (GreenletExit): the gauge must come down
+            waited = time.monotonic() - started
+            counters.add("pool_wait_seconds", self.alias, waited)
+            if watching is not None:
+                watching.waited(self, waited)
+        if not acquired:
+            raise self._timed_out()
 
     def _timed_out(self) -> Exception:
         from serverhooks.pool.errors import PoolTimeout
@@ -151,31 +158,28 @@ class Pool:
             logger.warning("%s", error)
         return error
 
-    def _pop(self, wrappers: list[Any]) -> Any:
-        with self._lock:
-            return wrappers.pop() if wrappers else None
+    def _pop_locked(self) -> tuple[Any, bool]:
+        """(a wrapper to reuse or None, whether it came from a dead unit); the lock is held."""
+        if self._reclaimed:
+            return self._reclaimed.pop(), True
+        if self._idle:
+            return self._idle.pop(), False  # newest first: the oldest idle ones age out
+        return None, False
 
-    def _next_wrapper(self) -> Any:
-        """A clean wrapper for the caller, which holds a slot: an idle one, or a new one."""
-        while (wrapper := self._pop(self._reclaimed)) is not None:
-            if self._ready_for_use(wrapper, self._make_clean):
-                return wrapper
-        while (wrapper := self._pop(self._idle)) is not None:
-            if self._ready_for_use(wrapper, self._drop_dead_session):
-                if wrapper.connection is not None:
+    def _pop(self) -> tuple[Any, bool]:
+        with self._lock:
+            return self._pop_locked()
+
+    def _ready_wrapper(self, wrapper: Any, reclaimed: bool) -> Any:
+        """A clean wrapper for the caller, which holds a permit: the one popped, the next
+        one if that was discarded, or a new one."""
+        while wrapper is not None:
+            if self._ready_for_use(wrapper, wrappers.make_clean if reclaimed else wrappers.drop_dead_session):
+                if not reclaimed and wrapper.connection is not None:
                     state().counters.add("pool_reused", self.alias)
                 return wrapper
-        from django.db import connections
-
-        fresh: Any = connections.create_connection(self.alias)
-        fresh._serverhooks_pool = self
-        if self.max_age_zero_reuses and fresh.settings_dict.get("CONN_MAX_AGE") == 0:
-            # A copy: Django shares one settings dict between every wrapper of an alias.
-            fresh.settings_dict = {**fresh.settings_dict, "CONN_MAX_AGE": None}
-        health.watch(fresh)
-        if conf.get("CLOSE_INTERRUPTED"):
-            cursorguard.guard(fresh)  # a query cut short closes it: nothing reaches the next holder
-        return fresh
+            wrapper, reclaimed = self._pop()
+        return wrappers.new_wrapper(self, self.alias, max_age_zero_reuses=self.max_age_zero_reuses)
 
     def _ready_for_use(self, wrapper: Any, prepare: Any) -> bool:
         """Prepare a wrapper taken out of a list; False: it was discarded, take the next.
@@ -183,81 +187,28 @@ class Pool:
         An interrupt (GreenletExit, a timeout) in the middle leaves its session in an unknown
         state: it is closed, never put back, and the interrupt goes on.
         """
-        _adopt(wrapper)
+        wrappers.adopt(wrapper)
         try:
-            return bool(prepare(wrapper))
+            return bool(prepare(wrapper, self.alias))
         except BaseException:
-            _close_quietly(wrapper)
+            wrappers.close_quietly(wrapper)
             raise
-
-    def _drop_dead_session(self, wrapper: Any) -> bool:
-        """Close an idle connection that expired or that the server ended (KILL, a restart):
-        one poll() syscall, no round trip (serverhooks.health). A session that fails to get
-        ready (its time zone) is replaced too: the request gets a new one, not the error."""
-        if wrapper.connection is None:
-            return True
-        expired = wrapper.close_at is not None and time.monotonic() >= wrapper.close_at
-        ended = not expired and conf.get("CHECK_IDLE_SESSIONS") and health.session_ended(wrapper.connection, wrapper)
-        if expired or ended:
-            state().counters.add("pool_discarded", self.alias)
-            if ended:
-                state().counters.add("closed_unhealthy", self.alias)
-            _close_quietly(wrapper)
-        if hasattr(wrapper, "ensure_timezone") and wrapper.connection is not None:
-            try:
-                wrapper.ensure_timezone()  # PostgreSQL: a request may have run SET TIME ZONE
-            except Exception as exc:
-                logger.debug("serverhooks: replacing a pooled %r session: %s", self.alias, describe_error(exc))
-                state().counters.add("pool_discarded", self.alias)
-                _close_quietly(wrapper)
-        return True
 
     # ----------------------------------------------------------------- checkin
 
     def checkin(self, wrapper: Any) -> None:
         """Return a wrapper checked out by the current unit of work."""
         if not self._unhold(wrapper):
-            # Not this unit's: the pool took it back already (and freed its slot). Putting it
+            # Not this unit's: the pool took it back already (and freed its permit). Putting it
             # back again would hand one session to two units.
             self._violation(f"{self.alias!r}: checkin of a wrapper the current unit does not hold")
             return
         try:
-            if self._ready_for_use(wrapper, self._make_clean):
+            if self._ready_for_use(wrapper, wrappers.make_clean):
                 with self._lock:
                     self._idle.append(wrapper)
         finally:
-            self._slots.release()
-
-    def _make_clean(self, wrapper: Any) -> bool:
-        """Leave no transaction, autocommit change or broken session behind; False: drop it."""
-        transactions.forget_lost(wrapper)
-        if isinstance(wrapper.connection, transactions.LostSession):
-            wrapper.connection = None  # its session is gone already; the next use connects anew
-        if wrapper.in_atomic_block:
-            # Only a unit that died inside atomic() gets here: Django's bookkeeping for that
-            # block cannot be unwound, so the wrapper goes, and its session too.
-            state().counters.add("pool_discarded", self.alias)
-            _close_quietly(wrapper)
-            return False
-        if wrapper.connection is None:
-            return True
-        try:
-            if wrapper.get_autocommit() != wrapper.settings_dict["AUTOCOMMIT"]:
-                wrapper.rollback()
-                wrapper.set_autocommit(wrapper.settings_dict["AUTOCOMMIT"])
-            elif _driver_in_transaction(wrapper.connection):
-                wrapper.connection.rollback()
-            if wrapper.errors_occurred:
-                if not wrapper.is_usable():
-                    raise ConnectionError("the session is no longer usable")
-                wrapper.errors_occurred = False
-        except Exception as exc:
-            logger.debug("serverhooks: discarding a pooled %r connection: %s", self.alias, describe_error(exc))
-            state().counters.add("pool_discarded", self.alias)
-            _close_quietly(wrapper)
-        wrapper.run_on_commit = []
-        wrapper.health_check_done = False  # CONN_HEALTH_CHECKS: check again in the next request
-        return True
+            self._slots.release()  # to the longest waiter, if any: it finds the wrapper idle
 
     # ----------------------------------------------------------------- who holds what
 
@@ -330,45 +281,15 @@ class Pool:
 
     def close_idle(self) -> None:
         with self._lock:
-            wrappers = self._idle + self._reclaimed
+            unused = self._idle + self._reclaimed
             self._idle.clear()
             self._reclaimed.clear()
-        for wrapper in wrappers:
-            _adopt(wrapper)
-            _close_quietly(wrapper)
+        for wrapper in unused:
+            wrappers.adopt(wrapper)
+            wrappers.close_quietly(wrapper)
 
     def occupancy(self) -> tuple[int, int]:
         """(checked out, idle) right now; serverhooks.metrics samples it. Reclaimed ones count as idle."""
         with self._lock:
             in_use = sum(len(held) for held in self._holders.values())
             return in_use, len(self._idle) + len(self._reclaimed)
-
-
-def _adopt(wrapper: Any) -> None:
-    """Let the current unit of work use a wrapper another one created: Django refuses
-    cross-thread use (and under gevent a greenlet's ident is its own); a pooled wrapper is
-    only ever used by the one unit that checked it out."""
-    _internals.set_thread_ident(wrapper, _thread.get_ident())  # as Django reads it
-
-
-def _close_quietly(wrapper: Any) -> None:
-    try:
-        wrapper.close()
-    except Exception as exc:
-        logger.debug("serverhooks: closing a pooled connection: %s", describe_error(exc))
-        wrapper.connection = None
-
-
-def _driver_in_transaction(raw: Any) -> bool:
-    """An explicit BEGIN keeps a transaction open even in autocommit mode: is one open?
-
-    Read from what the driver already knows, no round trip: psycopg and psycopg2 track
-    libpq's transaction status, PyMySQL the server's status flags. mysqlclient does not
-    expose them; there, only Django's own autocommit check applies.
-    """
-    info = getattr(raw, "info", None)
-    status = getattr(info, "transaction_status", None)
-    if status is not None:
-        return int(status) != 0  # 0: IDLE in both psycopg and psycopg2
-    server_status = getattr(raw, "server_status", None)  # PyMySQL
-    return isinstance(server_status, int) and bool(server_status & 0x0001)  # SERVER_STATUS_IN_TRANS

@@ -1,4 +1,4 @@
-"""The pool's waiter for greenlets: gevent's semaphore, and greenlets as the units of work.
+"""The pool's waiter for greenlets: a gevent lock to sleep on, and greenlets as the units of work.
 
 Import it only once gevent has patched the process; `serverhooks.greenlets` does that
 from the worker-ready hook.
@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gevent import getcurrent
-from gevent.lock import BoundedSemaphore
+from gevent.lock import Semaphore
 
-from serverhooks.pool import active, core
+from serverhooks.pool import active, fifo
 
 __all__ = ["GreenletWaiter", "activate"]
 
@@ -21,9 +21,9 @@ __all__ = ["GreenletWaiter", "activate"]
 class GreenletWaiter:
     """Greenlets wait cooperatively; each holds what it checked out until its request ends."""
 
-    def slots(self, size: int) -> core.Slots:
-        semaphore: core.Slots = BoundedSemaphore(size)
-        return semaphore
+    def signal(self) -> fifo.Signal:
+        signal: fifo.Signal = Semaphore()
+        return signal
 
     def current(self) -> Any:
         return getcurrent()

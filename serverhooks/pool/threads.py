@@ -9,12 +9,13 @@ without giving back (a client that went away mid-request) gives back as it ends.
 
 from __future__ import annotations
 
+import _thread
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from serverhooks.pool import active, core
+from serverhooks.pool import active, fifo
 
 __all__ = ["ThreadWaiter", "activate"]
 
@@ -26,7 +27,7 @@ class _EndOfThread:
 
 
 class ThreadWaiter:
-    """Threads wait on a semaphore; each holds what it checked out until its request ends.
+    """Threads queue on a lock of their own each; each holds what it checked out until its request ends.
 
     A thread that ends without giving back (a client that went away mid-request, a thread
     of the app's own) is told of through its thread-local storage: CPython frees a thread's
@@ -43,8 +44,8 @@ class ThreadWaiter:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def slots(self, size: int) -> core.Slots:
-        return threading.BoundedSemaphore(size)
+    def signal(self) -> fifo.Signal:
+        return _thread.allocate_lock()
 
     def current(self) -> Any:
         return threading.current_thread()

@@ -38,8 +38,8 @@ class ScriptedWaiter:
         self.scan_paused = threading.Event()
         self.scan_may_go_on = threading.Event()
 
-    def slots(self, size: int) -> Any:
-        return threading.BoundedSemaphore(size)
+    def signal(self) -> Any:
+        return threading.Lock()
 
     def current(self) -> Any:
         return self.now
