@@ -71,6 +71,13 @@ def _parse_level(raw: object) -> str:
     return name
 
 
+def _parse_scope(raw: object) -> str:
+    scope = str(raw).strip().lower()
+    if scope not in {"request", "transaction"}:
+        raise ConfigurationError(f"expected 'request' or 'transaction', got {raw!r}")
+    return scope
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     key: str
@@ -131,6 +138,13 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_seconds,
         "Seconds a request waits for a free pooled connection before the query fails with an error "
         "naming this setting.",
+    ),
+    Setting(
+        "POOL_SCOPE",
+        "request",
+        _parse_scope,
+        "How long a unit of work holds a pooled connection: `request` (until the request ends) or "
+        "`transaction` (until it is between transactions with no cursor open; README, Transaction scope).",
     ),
     Setting(
         "CHECK_IDLE_SESSIONS",

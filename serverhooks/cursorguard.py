@@ -108,9 +108,11 @@ def drop_interrupted(db: Any, exc: BaseException, *, ends_transaction: bool = Fa
             transactions.stand_in_for_lost_session(db, reason)
 
 
-def _guarded_method(name: str) -> Callable[..., Any]:
+def _guarded_method(name: str, owner: list[type]) -> Callable[..., Any]:
+    # `owner` holds the guarded class once made: not type(self), which a subclass of it
+    # (serverhooks.pool.scope's) would turn into endless recursion through super().
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        guarded = type(self)
+        guarded = owner[0]
         try:
             parent = getattr(super(guarded, self), name)
         except AttributeError:
@@ -126,13 +128,17 @@ def _guarded_method(name: str) -> Callable[..., Any]:
 _END = object()
 
 
-def _guarded_iter(self: Any) -> Iterator[Any]:
-    rows = super(type(self), self).__iter__()
-    while True:
-        row = run_guarded(self.db, next, rows, _END)
-        if row is _END:
-            return
-        yield row
+def _guarded_iter(owner: list[type]) -> Callable[[Any], Iterator[Any]]:
+    def __iter__(self: Any) -> Iterator[Any]:
+        guarded: Any = owner[0]
+        rows = super(guarded, self).__iter__()
+        while True:
+            row = run_guarded(self.db, next, rows, _END)
+            if row is _END:
+                return
+            yield row
+
+    return __iter__
 
 
 # A guarded subclass per cursor wrapper class (Django's, or a backend's own).
@@ -142,10 +148,12 @@ _guarded_for: dict[type, type] = {}
 def _guarded_class(cls: type) -> type:
     guarded = _guarded_for.get(cls)
     if guarded is None:
-        body: dict[str, Any] = {name: _guarded_method(name) for name in _CURSOR_METHODS}
-        body["__iter__"] = _guarded_iter
+        owner: list[type] = []
+        body: dict[str, Any] = {name: _guarded_method(name, owner) for name in _CURSOR_METHODS}
+        body["__iter__"] = _guarded_iter(owner)
         body["__module__"] = __name__
         guarded = type(f"Guarded{cls.__name__}", (cls,), body)
+        owner.append(guarded)
         _guarded_for[cls] = guarded
     return guarded
 

@@ -15,9 +15,19 @@ from typing import Any
 from serverhooks import _internals, conf, sockets, transactions
 from serverhooks._log import describe_error, logger, say_once
 from serverhooks._process import state
+from serverhooks.pool import scope
 from serverhooks.pool.core import Pool, Waiter
 
-__all__ = ["activate", "active_waiter", "any_active", "deactivate", "forget_after_fork", "pools", "release_current"]
+__all__ = [
+    "activate",
+    "active_waiter",
+    "any_active",
+    "deactivate",
+    "forget_after_fork",
+    "pools",
+    "release_between_transactions",
+    "release_current",
+]
 
 
 _pools: dict[str, Pool] = {}
@@ -69,6 +79,20 @@ def release_current() -> int:
     return released
 
 
+def release_between_transactions(wrapper: Any) -> None:
+    """POOL_SCOPE='transaction' (serverhooks.pool.scope): give back a wrapper the current unit
+    of work holds and is done with for now; its next query checks one out again."""
+    from django.db import connections
+
+    storage = _internals.connection_storage(connections)
+    pool = getattr(wrapper, "_serverhooks_pool", None)
+    alias: str = wrapper.alias
+    if pool is None or storage is None or getattr(storage, alias, None) is not wrapper:
+        return  # not the current unit's: a reference kept from before, which Django refuses anyway
+    delattr(storage, alias)
+    pool.checkin(wrapper)
+
+
 def _on_request_finished(**kwargs: Any) -> None:
     try:
         release_current()
@@ -85,6 +109,8 @@ def activate(waiter: Waiter, size: int, timeout: float, *, max_age_zero_reuses: 
 
     if conf.get("CLOSE_INTERRUPTED"):
         transactions.install()  # before any block: `with atomic():` looks its __exit__ up on entry
+    if conf.get("POOL_SCOPE") == "transaction":
+        scope.install()  # after transactions.install(): it gives back once that exit check is done
     handler: Any = connections
     if _original_handler_class is None:
         _original_handler_class = type(handler)

@@ -205,6 +205,7 @@ class Pool:
             return
         try:
             if self._ready_for_use(wrapper, wrappers.make_clean):
+                wrappers.disown(wrapper)
                 with self._lock:
                     self._idle.append(wrapper)
         finally:

@@ -16,8 +16,21 @@ from typing import Any
 from serverhooks import _internals, conf, cursorguard, health, transactions
 from serverhooks._log import describe_error, logger
 from serverhooks._process import state
+from serverhooks.pool import scope
 
-__all__ = ["adopt", "close_quietly", "drop_dead_session", "make_clean", "new_wrapper"]
+__all__ = [
+    "adopt",
+    "close_quietly",
+    "disown",
+    "driver_in_transaction",
+    "drop_dead_session",
+    "make_clean",
+    "new_wrapper",
+]
+
+#: The thread ident of a wrapper nobody holds: no thread or greenlet has it, so Django refuses
+#: any use of an idle wrapper through a reference kept from before its checkin.
+NOBODY = 0
 
 
 def new_wrapper(pool: Any, alias: str, *, max_age_zero_reuses: bool) -> Any:
@@ -32,6 +45,8 @@ def new_wrapper(pool: Any, alias: str, *, max_age_zero_reuses: bool) -> Any:
     health.watch(fresh)
     if conf.get("CLOSE_INTERRUPTED"):
         cursorguard.guard(fresh)  # a query cut short closes it: nothing reaches the next holder
+    if conf.get("POOL_SCOPE") == "transaction":
+        scope.track(fresh)
     return fresh
 
 
@@ -63,6 +78,7 @@ def drop_dead_session(wrapper: Any, alias: str) -> bool:
 def make_clean(wrapper: Any, alias: str) -> bool:
     """Leave no transaction, autocommit change or broken session behind; False: drop the wrapper."""
     transactions.forget_lost(wrapper)
+    scope.forget_use(wrapper)
     if isinstance(wrapper.connection, transactions.LostSession):
         wrapper.connection = None  # its session is gone already; the next use connects anew
     if wrapper.in_atomic_block:
@@ -77,7 +93,7 @@ def make_clean(wrapper: Any, alias: str) -> bool:
         if wrapper.get_autocommit() != wrapper.settings_dict["AUTOCOMMIT"]:
             wrapper.rollback()
             wrapper.set_autocommit(wrapper.settings_dict["AUTOCOMMIT"])
-        elif _driver_in_transaction(wrapper.connection):
+        elif driver_in_transaction(wrapper.connection):
             wrapper.connection.rollback()
         if wrapper.errors_occurred:
             if not wrapper.is_usable():
@@ -99,6 +115,13 @@ def adopt(wrapper: Any) -> None:
     _internals.set_thread_ident(wrapper, _thread.get_ident())  # as Django reads it
 
 
+def disown(wrapper: Any) -> None:
+    """Mark a wrapper that went back as nobody's: a reference its last holder kept (code that
+    held `connections[alias]` across a release) now fails loudly in Django's thread check
+    instead of running on a session the pool may hand to another unit of work."""
+    _internals.set_thread_ident(wrapper, NOBODY)
+
+
 def close_quietly(wrapper: Any) -> None:
     try:
         wrapper.close()
@@ -107,7 +130,7 @@ def close_quietly(wrapper: Any) -> None:
         wrapper.connection = None
 
 
-def _driver_in_transaction(raw: Any) -> bool:
+def driver_in_transaction(raw: Any) -> bool:
     """An explicit BEGIN keeps a transaction open even in autocommit mode: is one open?
 
     Read from what the driver already knows, no round trip: psycopg and psycopg2 track
