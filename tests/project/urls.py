@@ -1,7 +1,7 @@
 from django.urls import path
 
 from serverhooks.metrics.django import metrics_view
-from tests.project import async_views, integrity_views, pooler_views, views
+from tests.project import async_views, integrity_views, overload_views, pooler_views, views
 
 urlpatterns = [
     path("ping", views.ping),
@@ -28,4 +28,6 @@ urlpatterns = [
     path("integrity/release-inside-atomic", integrity_views.release_inside_atomic),
     path("pooler/iterate", pooler_views.iterate),
     path("pooler/prepared", pooler_views.prepared),
+    path("overload/sleep", overload_views.sleep),
+    path("overload/render", overload_views.render),
 ]
