@@ -89,16 +89,17 @@ def test_hooks_arm_sessions_stay_within_the_bound(
     distinct = {session for _pid, session in run.sessions}
     bound = WORKERS * POOL_SIZE
     assert len(distinct) <= bound, f"{len(distinct)} distinct sessions for {BURST} requests"
-    assert sampler.peak <= bound
     time.sleep(5)
+    stats = _worker_stats(server)
+    pool_counters = [{k: v for k, v in s.items() if k.startswith(("pool", "closed"))} for s in stats]
+    # On failure the counters say whether a worker replaced a session (a closed backend can
+    # still show on the server for a moment while its replacement connects).
+    assert sampler.peak <= bound, f"peak {sampler.peak}; {len(distinct)} distinct; {pool_counters}"
     assert len(dbserver.sessions(family, name)) <= bound
     stored = {row[0] for row in dbserver.query(family, "SELECT marker FROM sh_hit", database=name)}
     assert stored == set(run.sent)
-    stats = _worker_stats(server)
     assert sum(s["pool_reused"] for s in stats) > 0
-    assert all(s["pool_opened"] <= POOL_SIZE for s in stats), [
-        {k: v for k, v in s.items() if k.startswith("pool")} for s in stats
-    ]
+    assert all(s["pool_opened"] <= POOL_SIZE for s in stats), pool_counters
     log = server.log()
     if driver == "":
         assert ("mysqlclient blocks the gevent hub" in log) == (family == "mysql")
