@@ -36,6 +36,7 @@ WORKERS = ("gevent", "asgi")
 FAMILIES = ("mysql", "postgres")
 PAGES = ("sleep", "render")
 WORST_OVER_MEAN = 1.5  # the target for the fix
+P99_TOLERANCE = 1.05  # as tests/integration/test_pool_overload.py: within the run-to-run spread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +126,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fix_non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in fix),
         "fix_worst_over_mean": max((r["worst_over_mean"] for r in fix), default=float("nan")),
         "fix_within": all(r["worst_over_mean"] <= WORST_OVER_MEAN for r in fix),
-        "control_starved": [
-            r["arm"] for r in control if r["worst_over_mean"] > 2.0 and r["p50_s"] < 0.5 * r["little_mean_s"]
-        ],
+        "control_over_bound": [r["arm"] for r in control if r["worst_over_mean"] > WORST_OVER_MEAN],
         "control_count": len(control),
+        "control_starved_gevent": [
+            r["arm"] for r in control if "gevent" in r["cell"] and r["p50_s"] < 0.5 * r["little_mean_s"]
+        ],
+        "control_gevent_count": len([r for r in control if "gevent" in r["cell"]]),
         "control_timeouts": sum(r["pool_timeouts"] for r in control),
         "p99_pairs": p99_pairs,
         "rate_spread": spread,
@@ -189,13 +192,16 @@ def render(plan: Plan, env: dict[str, str], rows: list[dict[str, Any]], summary:
         f"PoolTimeouts, {summary['fix_non_2xx']} others) |",
         f"| fix: worst <= {WORST_OVER_MEAN:g} x mean in every arm | {common.yes(summary['fix_within'])} (largest "
         f"{summary['fix_worst_over_mean']:.2f}) |",
-        f"| control: starvation (worst > 2 x mean, median < half the mean) | {len(summary['control_starved'])} of "
+        f"| control: worst > {WORST_OVER_MEAN:g} x mean (overtaken requests) | {len(summary['control_over_bound'])} of "
         f"{summary['control_count']} control arms; {summary['control_timeouts']} PoolTimeouts in all |",
+        f"| control under gevent: median below half the mean (newcomers pass, the queue starves) | "
+        f"{len(summary['control_starved_gevent'])} of {summary['control_gevent_count']} |",
     ]
     for cell, rnd, ours, theirs in summary["p99_pairs"]:
         out.append(
-            f"| {cell}, round {rnd}: p99 fix {ours:.3f} s, Django's pool {theirs:.3f} s | "
-            f"{common.yes(ours <= theirs)} ({ours / theirs:.3f} x) |"
+            f"| {cell}, round {rnd}: p99 fix {ours:.3f} s, Django's pool {theirs:.3f} s (no worse: within "
+            f"{(P99_TOLERANCE - 1) * 100:.0f} %) | {common.yes(ours <= P99_TOLERANCE * theirs)} "
+            f"({ours / theirs:.3f} x) |"
         )
     out.append(f"| sessions on the server, at most | {summary['sessions_max']} (bound {load.pool_size}) |")
     if summary["failed"]:
