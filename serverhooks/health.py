@@ -250,6 +250,10 @@ def close_ended_in_this_thread() -> int:
 
 
 def _close_if_unusable_obsolete_or_ended(wrapper: Any, django_own: Callable[[Any], None]) -> None:
+    if "_serverhooks_pool" in wrapper.__dict__ and not wrapper.in_atomic_block:
+        # A pooled connection: the pool cleans it when it comes back and checks it (this same
+        # poll, the age cap) when it goes out again; checking here too would only do it twice.
+        return
     if wrapper.in_atomic_block and not wrapper.atomic_blocks:
         _unwedge(wrapper)
     django_own(wrapper)

@@ -16,6 +16,25 @@ FAMILIES = ("mysql", "postgres")
 _reachability: dict[str, str | None] = {}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """SERVERHOOKS_TEST_FIX_ARMS_ONLY=1: leave out the control arms and the benches' quick runs.
+
+    The Docker check sets it for the suite inside the container: the host's run has already
+    shown every control arm's failure and run every bench, against the same code; the container
+    proves that serverhooks' fixes hold there, within CI's time budget.
+    """
+    if os.environ.get("SERVERHOOKS_TEST_FIX_ARMS_ONLY") != "1":
+        return
+    kept: list[pytest.Item] = []
+    left_out: list[pytest.Item] = []
+    for item in items:
+        is_control = "control" in item.name.lower()
+        (left_out if is_control or item.get_closest_marker("bench") else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome: Any = yield

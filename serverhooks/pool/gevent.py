@@ -6,7 +6,6 @@ from the worker-ready hook.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,17 +30,16 @@ class GreenletWaiter:
     def is_dead(self, unit: Any) -> bool:
         return bool(unit.dead)
 
-    def __init__(self) -> None:
-        # Which pools each greenlet already told of its death: a keep-alive client's greenlet
-        # checks out once per request, and must not pile up a link per checkout.
-        self._linked: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
-
     def on_death(self, unit: Any, callback: Callable[[Any], None]) -> bool:
         # gevent Greenlets (gevent.spawn, each client of a gevent server) say when they die:
         # what they held comes back at the next hub turn. Raw greenlets cannot.
         if not hasattr(unit, "rawlink"):
             return False
-        told = self._linked.setdefault(unit, set())
+        # Which pools this greenlet already told of its death, kept on the greenlet itself (a
+        # keep-alive client checks out once per request, and must not pile up a link per checkout).
+        told = getattr(unit, "_serverhooks_linked", None)
+        if told is None:
+            told = unit._serverhooks_linked = set()
         owner = id(getattr(callback, "__self__", callback))
         if owner not in told:
             told.add(owner)

@@ -89,8 +89,15 @@ def make_clean(wrapper: Any, alias: str) -> bool:
         return False
     if wrapper.connection is None:
         return True
+    if wrapper.close_at is not None and time.monotonic() >= wrapper.close_at:
+        # Past CONN_MAX_AGE (0: at the end of each request, as Django closes it): not kept idle.
+        state().counters.add("pool_discarded", alias)
+        close_quietly(wrapper)
+        return True
     try:
-        if wrapper.get_autocommit() != wrapper.settings_dict["AUTOCOMMIT"]:
+        # `autocommit` is Django's own record while connected; get_autocommit() would first
+        # call ensure_connection() for nothing.
+        if wrapper.autocommit != wrapper.settings_dict["AUTOCOMMIT"]:
             wrapper.rollback()
             wrapper.set_autocommit(wrapper.settings_dict["AUTOCOMMIT"])
         elif driver_in_transaction(wrapper.connection):
