@@ -82,9 +82,13 @@ def thread_ident(wrapper: Any) -> int | None:
 
 
 def set_thread_ident(wrapper: Any, ident: int) -> None:
-    """Hand a DatabaseWrapper to another thread or greenlet (Django refuses cross-thread use)."""
-    if thread_ident(wrapper) is not None:
+    """Hand a DatabaseWrapper to another thread or greenlet (Django refuses cross-thread use).
+
+    Runs at every pool checkout and checkin: the common case is one attribute test."""
+    if isinstance(getattr(wrapper, "_thread_ident", None), int):
         wrapper._thread_ident = ident
+    else:
+        thread_ident(wrapper)  # says once that it is missing
 
 
 def postgres_pools() -> dict[Any, Any]:
