@@ -404,7 +404,10 @@ def _ratio(windows: list[Window], a: str, b: str) -> dict[str, Any]:
 
 def _arm_stats(windows: list[Window], key: str) -> dict[str, Any]:
     mine = [w for w in windows if w.arm == key]
-    per_req = lambda s: common.median([getattr(w.batch, s) / max(1, w.batch.counts.ok) * 1e6 for w in mine])  # noqa: E731
+
+    def per_req(field: str) -> float:
+        return common.median([getattr(w.batch, field) / max(1, w.batch.counts.ok) * 1e6 for w in mine])
+
     return {
         "rates": [w.batch.rps for w in mine],
         "worker_cpu_us": per_req("worker_cpu_s"),
@@ -532,10 +535,10 @@ def merge_results(path: Path, key: str, section: str) -> str:
     sections[key] = section if section.endswith("\n") else section + "\n"
     rows = []
     for k in sorted(sections):
-        m = SUMMARY_LINE.search(sections[k])
-        if not m:
+        summary = SUMMARY_LINE.search(sections[k])
+        if not summary:
             continue
-        s = json.loads(m.group("json"))
+        s = json.loads(summary.group("json"))
         share = "n/a" if s["pool_share"] is None else f"{s['pool_share']:.1%} ({s['serverhooks_share']:.1%})"
         rows.append(
             f"| {k} | {s['asgi'][0]:.3f} ({s['asgi'][1]:.3f} to {s['asgi'][2]:.3f}) "
