@@ -1,6 +1,6 @@
 """POOL_SCOPE='transaction' against the request scope, on the render page (issue 22, deliverable 4).
 
-    python -m bench.pool_scope           # full run (about 8 minutes); writes bench/SCOPE_RESULTS.md
+    python -m bench.pool_scope           # full run (about 9 minutes); writes bench/SCOPE_RESULTS.md
     python -m bench.pool_scope --quick   # short run (about 2 minutes); --results PATH elsewhere
 
 The render page (tests/project/overload_views.py) runs a query, 20 ms of pure-Python work, and a
@@ -17,9 +17,11 @@ Each arm is tests/support/overload.py's: a fresh Gunicorn master with one worker
 keep-alive connections as the pool has slots, then loaded by wrk with `clients` keep-alive connections
 (enough to saturate it: requests always queue for a session). A thread samples the server's session
 count for the database throughout the arm (its peak must not pass POOL_SIZE). The arms of a cell run
-mirrored, A B B A: request@8, transaction@8, request@2, transaction@2, transaction@1, request@1, the search
-(3, 4...: the order alternates from size to size), then transaction@2, request@2, transaction@8, request@8,
-so that a drift of the shared machine falls on both scopes alike; the quick run stops after the first half.
+mirrored, A B B A: request@8, transaction@8, request@2, transaction@2, transaction@1, request@1, then
+transaction@2, request@2, transaction@8, request@8, so that a drift of the shared machine falls on both
+scopes alike; the quick run stops after the first half. Then the search, against the reference of all the
+request@8 runs: 3, 4... (the order alternating from size to size), each scope until it has reached 95 % of
+it, or until its rate rose less than 3 % from one size to the next (bound by something else than sessions).
 
 The servers run a snapshot of `serverhooks/`, `tests/` and gunicorn.conf.py as committed at HEAD
 (bench/common.py's snapshot_code), so that edits in the checkout during a run do not mix versions.
@@ -50,6 +52,7 @@ REQUEST, TRANSACTION = "request", "transaction"
 SCOPES = (REQUEST, TRANSACTION)
 SAME_RATE = 0.95  # "the same rate": at least this share of the reference
 REFERENCE_SIZE = 8
+FLAT = 1.03  # the search stops for a scope whose rate rose less than this from one size to the next
 # What a worker's log should never say in these arms (serverhooks' own warnings start "serverhooks:").
 LOG_TROUBLE = re.compile(r"\[(?:WARNING|ERROR|CRITICAL)\]|Traceback|serverhooks:|Warning:")
 
@@ -64,7 +67,7 @@ class Plan:
     mirrored: bool  # the second half (B A) of each cell
 
 
-FULL = Plan("full", seconds=5.0, warmup_seconds=1.5, clients=40, search_max=4, mirrored=True)
+FULL = Plan("full", seconds=5.0, warmup_seconds=1.5, clients=40, search_max=6, mirrored=True)
 QUICK = Plan("quick", seconds=2.0, warmup_seconds=0.5, clients=40, search_max=2, mirrored=False)
 
 
@@ -159,17 +162,29 @@ def run_cell(worker: str, family: str, database: str, plan: Plan, rows: list[dic
         (REQUEST, 1),
     ]:
         arm(scope, size)
-    first_reference = mean_rate(rows, cell, REQUEST, REFERENCE_SIZE)
-    for size in range(3, plan.search_max + 1):
-        if first_reference is None:
-            break
-        order = list(SCOPES) if size % 2 else list(reversed(SCOPES))
-        for scope in order:
-            if not reached(rows, cell, scope, first_reference, size):
-                arm(scope, size)
     if plan.mirrored:
         for scope, size in [(TRANSACTION, 2), (REQUEST, 2), (TRANSACTION, REFERENCE_SIZE), (REQUEST, REFERENCE_SIZE)]:
             arm(scope, size)
+    # The search, against the reference of all the request@8 runs: each scope goes on to the next
+    # size until it has reached the reference, or until its rate stops rising (a worker bound by
+    # something else than its sessions: more of them would not get it there either).
+    reference = mean_rate(rows, cell, REQUEST, REFERENCE_SIZE)
+    searching = {scope: reference is not None for scope in SCOPES}
+    for size in range(3, plan.search_max + 1):
+        order = list(SCOPES) if size % 2 else list(reversed(SCOPES))
+        for scope in order:
+            if not searching[scope] or reference is None:
+                continue
+            if reached(rows, cell, scope, reference, size) or _flat(rows, cell, scope, size):
+                searching[scope] = False
+                continue
+            arm(scope, size)
+
+
+def _flat(rows: list[dict[str, Any]], cell: str, scope: str, size: int) -> bool:
+    """Whether the rate at size - 1 rose less than FLAT over size - 2's."""
+    last, before = mean_rate(rows, cell, scope, size - 1), mean_rate(rows, cell, scope, size - 2)
+    return last is not None and before is not None and last < FLAT * before
 
 
 def run_all(plan: Plan) -> list[dict[str, Any]]:
@@ -315,11 +330,16 @@ def render(plan: Plan, env: dict[str, str], rows: list[dict[str, Any]], summary:
         "saturates the worker.",
         "- Drivers: psycopg 3 on PostgreSQL; on MariaDB PyMySQL under gevent (mysqlclient blocks the hub), "
         "**mysqlclient** under asgi.",
-        "- Order within a cell: request@8, transaction@8, request@2, transaction@2, transaction@1, request@1, "
-        f"the search (3 to {plan.search_max}, the order alternating by size, each scope only until it has reached "
-        f"{SAME_RATE * 100:.0f} % of the reference)"
-        + (", then transaction@2, request@2, transaction@8, request@8 (A B B A)." if plan.mirrored else " (one half).")
-        + " Every arm is a fresh master, after the last arm's sessions have left the server.",
+        "- Order within a cell: request@8, transaction@8, request@2, transaction@2, transaction@1, request@1"
+        + (
+            ", transaction@2, request@2, transaction@8, request@8 (A B B A)"
+            if plan.mirrored
+            else " (one half of A B B A)"
+        )
+        + f"; then the search against the reference of all request@8 runs (3 to {plan.search_max}, the order "
+        f"alternating by size), each scope until it has reached {SAME_RATE * 100:.0f} % of the reference or its rate "
+        f"rose less than {(FLAT - 1) * 100:.0f} % from one size to the next (the worker bound by something else than "
+        "its sessions). Every arm is a fresh master, after the last arm's sessions have left the server.",
         "- *sessions peak*: the server's own count of sessions on the arm's database (pg_stat_activity, "
         "information_schema.PROCESSLIST), sampled every 0.1 s from the master's start to its stop (warm-up "
         "included). *checkouts/req*: the worker's pool checkouts (pool_opened + pool_reused) over the requests it "
